@@ -1,0 +1,3 @@
+from livesend.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,391 @@
+"""Incremental, torn-write-safe readers of one DVCLive output directory.
+
+DVCLive writes without atomic renames: metrics.json and params.yaml are truncated and rewritten,
+TSVs are appended a row at a time, images are overwritten in place. These readers only ever hand on
+complete data: whole TSV lines, documents that parse (and, for YAML, end in a newline and did not
+change while being read), images whose format trailer is present or that have stopped changing.
+
+TSVs are tailed from a byte offset that advances only when Studio acknowledged the rows, so the
+files on disk are the spool: nothing is held in memory between reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import logging
+import os
+import stat as stat_mod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import yaml
+
+log = logging.getLogger("livesend")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif")
+TSV_SUFFIXES = (".tsv", ".csv")
+MAX_LINE = 1_000_000  # a longer TSV line is cut here (the rest of the line is skipped, with a warning)
+READ_BUDGET = 4_000_000  # bytes of TSV read per file per request round: bounds memory
+
+
+class Warnings:
+    """Say each distinct problem once."""
+
+    def __init__(self) -> None:
+        self._said: set = set()
+
+    def once(self, key: Any, message: str, *args: Any) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log.warning(message, *args)
+
+    def forget(self, key: Any) -> None:
+        self._said.discard(key)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "Stamp":
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _stat(path: str) -> Optional[os.stat_result]:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+# --- TSV --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TsvChunk:
+    header: list
+    rows: list  # list of (columns, fields)
+    ends: list  # byte offset after each row
+    max_step: Optional[int]
+    more: bool = False  # the read stopped at its budget: more complete rows may follow
+
+
+def split_line(raw: bytes) -> list:
+    text = raw.decode("utf-8", "replace")
+    if text.endswith("\r"):
+        text = text[:-1]
+    if '"' in text:
+        return next(csv.reader([text], delimiter="\t"), [])
+    return text.split("\t")
+
+
+def align(header: list, fields: list) -> Optional[list]:
+    """Columns for a row whose length differs from the header (DVCLive's DictWriter keeps the first
+    header even when `timestamp=True` is toggled later). None when no sensible mapping exists."""
+    if len(fields) == len(header):
+        return header
+    if "timestamp" not in header and len(fields) == len(header) + 1:
+        return ["timestamp"] + header
+    if header and header[0] == "timestamp" and len(fields) == len(header) - 1:
+        return header[1:]
+    return None
+
+
+def looks_like_header(fields: list) -> bool:
+    if "step" not in fields:
+        return False
+    for value in fields:
+        try:
+            float(value)
+            return False
+        except ValueError:
+            pass
+    return True
+
+
+class TsvTail:
+    """Reads new complete rows of one TSV from the acknowledged offset."""
+
+    def __init__(self, path: str, key: str, warnings: Warnings) -> None:
+        self.path = path
+        self.key = key
+        self.warnings = warnings
+        self.ino: Optional[int] = None
+        self.offset = 0  # acknowledged byte offset (0: header not read yet)
+        self.header: Optional[list] = None
+        self.header_end = 0
+        self.rows_acked = 0
+        self._header_changes: list = []  # (offset after the new header line, new header)
+
+    def is_replaced(self, st: os.stat_result) -> bool:
+        """True when the file was re-created or truncated below what was consumed (a fresh run)."""
+        return self.ino is not None and (st.st_ino != self.ino or st.st_size < self.offset)
+
+    def restart(self) -> None:
+        self.ino, self.offset, self.header, self.header_end = None, 0, None, 0
+        self._header_changes = []
+
+    def read(self, budget: int = READ_BUDGET) -> Optional[TsvChunk]:
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if self.ino is None:
+                    self.ino = st.st_ino
+                if self.header is None:
+                    line = f.readline(MAX_LINE)
+                    if not line.endswith(b"\n"):
+                        return None
+                    self.header = split_line(line[:-1])
+                    self.header_end = self.offset = len(line)
+                f.seek(self.offset)
+                budget = max(budget, MAX_LINE)
+                data = f.read(budget)
+                chunk = self._parse(f, data)
+                if chunk is not None:
+                    chunk.more = len(data) == budget
+                return chunk
+        except OSError as exc:
+            self.warnings.once(("read", self.path), "cannot read %s (%s); skipping it", self.key, exc.strerror or exc)
+            return None
+
+    def _parse(self, f, data: bytes) -> Optional[TsvChunk]:
+        cut = data.rfind(b"\n")
+        base = self.offset
+        long_tail = None
+        if cut < 0:
+            if len(data) < MAX_LINE:
+                return None
+            long_tail = self._skip_long_line(f, base + len(data))
+            if long_tail is None:
+                return None
+            lines = [data[:MAX_LINE]]
+            ends = [long_tail]
+        else:
+            lines = data[:cut].split(b"\n")
+            ends = []
+            pos = base
+            for line in lines:
+                pos += len(line) + 1
+                ends.append(pos)
+        header = self.header
+        rows, row_ends = [], []
+        max_step = None
+        for line, end in zip(lines, ends):
+            if len(line) > MAX_LINE:
+                self.warnings.once(("long", self.path), "a line of %s is over %d bytes; it is cut", self.key, MAX_LINE)
+                line = line[:MAX_LINE]
+            fields = split_line(line)
+            if not fields or fields == [""]:
+                continue
+            columns = align(header, fields)
+            if columns is None:
+                if looks_like_header(fields):
+                    self.warnings.once(("header", self.path), "the header of %s changed mid-file; following it", self.key)
+                    header = fields
+                    if (end, fields) not in self._header_changes:
+                        self._header_changes.append((end, fields))
+                    continue
+                self.warnings.once(
+                    ("align", self.path), "rows of %s do not match its header %s; sending them as they are", self.key, header
+                )
+                columns = header + [f"column{i}" for i in range(len(header), len(fields))]
+            rows.append((columns, fields))
+            row_ends.append(end)
+            if "step" in columns:
+                try:
+                    step = int(fields[columns.index("step")])
+                    max_step = step if max_step is None or step > max_step else max_step
+                except (ValueError, IndexError):
+                    pass
+        if not rows and ends:
+            self.ack(ends[-1], 0)  # only blank lines or a header change: nothing to deliver
+        return TsvChunk(header, rows, row_ends, max_step)
+
+    def _skip_long_line(self, f, pos: int) -> Optional[int]:
+        """Find the end of an over-long line without holding it; None while it is still incomplete."""
+        self.warnings.once(("long", self.path), "a line of %s is over %d bytes; it is cut", self.key, MAX_LINE)
+        f.seek(pos)
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                return None
+            i = block.find(b"\n")
+            if i >= 0:
+                return pos + i + 1
+            pos += len(block)
+
+    def ack(self, end: int, rows: int) -> None:
+        self.offset = max(self.offset, end)
+        self.rows_acked += rows
+        while self._header_changes and self._header_changes[0][0] <= self.offset:
+            self.header = self._header_changes.pop(0)[1]
+
+    def pending_rows(self) -> int:
+        """Complete rows on disk not yet acknowledged (counted by streaming, for the final report)."""
+        count = 0
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset or 0)
+                while block := f.read(1 << 20):
+                    count += block.count(b"\n")
+        except OSError:
+            return 0
+        return count - (1 if self.header is None and count else 0)
+
+
+# --- JSON / YAML documents ----------------------------------------------------------------------------
+
+
+def parse_json(text: str) -> Any:
+    return json.loads(text)
+
+
+def parse_yaml(text: str) -> Any:
+    if not text.endswith("\n"):
+        raise ValueError("no final newline yet")
+    return yaml.safe_load(text)
+
+
+class Document:
+    """The last good parsed value of a file that DVCLive rewrites in place (metrics.json, params.yaml)."""
+
+    def __init__(self, path: str, key: str, parse: Callable[[str], Any], warnings: Warnings) -> None:
+        self.path, self.key, self.parse, self.warnings = path, key, parse, warnings
+        self.value: Any = None
+        self.stamp: Optional[Stamp] = None
+        self.exists = False
+
+    def poll(self) -> bool:
+        """Re-read when the file changed; True when a new good value was taken."""
+        st = _stat(self.path)
+        self.exists = st is not None and stat_mod.S_ISREG(st.st_mode)
+        if not self.exists:
+            return False
+        stamp = Stamp.of(st)
+        if stamp == self.stamp:
+            return False
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+                after = Stamp.of(os.fstat(f.fileno()))
+        except OSError as exc:
+            self.warnings.once(("read", self.path), "cannot read %s (%s); skipping it", self.key, exc.strerror or exc)
+            return False
+        if after != stamp or not raw.strip():
+            return False  # being written: read again on the next change
+        try:
+            value = self.parse(raw.decode("utf-8"))
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "not a good value yet"
+            self.warnings.once(
+                ("parse", self.path, stamp.size), "%s is not valid yet (%s); keeping its last good value", self.key,
+                str(exc).splitlines()[0][:120],
+            )
+            return False
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.warnings.once(("type", self.path), "%s does not hold a mapping; ignoring it", self.key)
+            return False
+        self.stamp = stamp
+        if value == self.value:
+            return False
+        self.value = value
+        return True
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+_TRAILERS = {".png": (b"IEND\xaeB`\x82",), ".gif": (b";",), ".jpg": (b"\xff\xd9",), ".jpeg": (b"\xff\xd9",)}
+
+
+def image_complete(suffix: str, data: bytes) -> bool:
+    tail = data[-64:].rstrip(b"\x00")
+    return any(t in tail[-len(t) - 16 :] for t in _TRAILERS.get(suffix, (b"",)))
+
+
+def read_image(path: str, stamp: Stamp, force: bool) -> Optional[str]:
+    """Base64 of an image file, or None while it looks half-written (unless `force`)."""
+    with open(path, "rb") as f:
+        data = f.read()
+        if Stamp.of(os.fstat(f.fileno())) != stamp:
+            return None
+    if not data:
+        return None
+    if not force and not image_complete(os.path.splitext(path)[1].lower(), data):
+        return None
+    return base64.b64encode(data).decode("ascii")
+
+
+# --- scanning the directory -------------------------------------------------------------------------
+
+
+@dataclass
+class Listing:
+    """What one scan of a DVCLive directory found: paths keyed by their Studio key."""
+
+    is_dir: bool = False
+    tsvs: dict = field(default_factory=dict)  # key -> (path, stat)
+    images: dict = field(default_factory=dict)  # key -> (path, stat)
+
+    @property
+    def has_plots(self) -> bool:
+        return bool(self.tsvs or self.images)
+
+
+def inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def scan(live_dir: str, live_key: str, tree_root: str, warnings: Warnings) -> Listing:
+    """List TSVs under plots/metrics and images under plots/images. Symlinks that leave `tree_root`
+    (the working tree) are never followed or read."""
+    listing = Listing()
+    st = _stat(live_dir)
+    if st is None:
+        return listing
+    if not stat_mod.S_ISDIR(st.st_mode):
+        warnings.once(("notdir", live_dir), "%s is not a directory; waiting for DVCLive output there", live_key)
+        return listing
+    listing.is_dir = True
+    prefix = live_key + "/" if live_key not in ("", ".") else ""
+    _walk(os.path.join(live_dir, "plots", "metrics"), prefix + "plots/metrics", TSV_SUFFIXES, listing.tsvs, tree_root, warnings)
+    _walk(os.path.join(live_dir, "plots", "images"), prefix + "plots/images", IMAGE_SUFFIXES, listing.images, tree_root, warnings)
+    return listing
+
+
+def _walk(top: str, top_key: str, suffixes: tuple, out: dict, tree_root: str, warnings: Warnings) -> None:
+    stack = [(top, top_key)]
+    seen_dirs: set = set()
+    while stack:
+        path, key = stack.pop()
+        try:
+            entries = list(os.scandir(path))
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError:
+            continue
+        except OSError as exc:
+            warnings.once(("scandir", path), "cannot list %s (%s); skipping it", key, exc.strerror or exc)
+            continue
+        for entry in entries:
+            entry_key = key + "/" + entry.name
+            try:
+                if entry.is_symlink():
+                    real = os.path.realpath(entry.path)
+                    if not inside(real, tree_root):
+                        warnings.once(("link", entry.path), "%s links outside the working tree; not uploading it", entry_key)
+                        continue
+                if entry.is_dir():
+                    ident = os.stat(entry.path).st_ino
+                    if ident not in seen_dirs:
+                        seen_dirs.add(ident)
+                        stack.append((entry.path, entry_key))
+                elif entry.name.lower().endswith(suffixes) and entry.is_file():
+                    out[entry_key] = (entry.path, entry.stat())
+            except OSError as exc:
+                warnings.once(("stat", entry.path), "cannot read %s (%s); skipping it", entry_key, exc.strerror or exc)
