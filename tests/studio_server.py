@@ -55,7 +55,7 @@ class StudioServer:
         self.rule: Optional[Callable[[dict], Optional[Fault]]] = None  # a fault chosen per body
         self.received: list[Received] = []  # every request, answered or not
         self.invalid: list[Received] = []  # bodies that failed the schema or auth
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
