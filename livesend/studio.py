@@ -84,8 +84,10 @@ def metrics_request(
 ) -> Request:
     """The first POST of a data event: params, metrics (as-is) and step, as DVCLive sends it."""
     body = _base("data", ident)
-    body["params"] = params
-    body["metrics"] = {path: {"data": data} for path, data in metrics.items()}
+    if params:  # dvc-studio-client leaves out empty params / metrics (`if params:`, `if metrics:`)
+        body["params"] = params
+    if metrics:
+        body["metrics"] = {path: {"data": data} for path, data in metrics.items()}
     body["step"] = step
     return Request("data", encode(body).encode(), acks=list(acks or []))
 
@@ -171,7 +173,8 @@ def plots_requests(ident: Identity, step: int, entries: Iterable[Entry], limits:
     Entries of the same key go to different bodies (a key appears once in a JSON object), in order, so
     acknowledging bodies in sending order acknowledges rows in file order."""
     head = encode({**_base("data", ident), "step": step})[:-1] + ', "plots": {'
-    overhead = len(head) + 2
+    # len(body) == len(head) + sum(len(part) + 2): the first part has no ", " before it, "}}" closes
+    overhead = len(head)
     requests: list[Request] = []
     parts: list[str] = []
     keys: set[str] = set()
