@@ -15,6 +15,7 @@ import base64
 import csv
 import json
 import logging
+import math
 import os
 import stat as stat_mod
 from dataclasses import dataclass, field
@@ -80,7 +81,10 @@ def split_line(raw: bytes) -> list:
     if text.endswith("\r"):
         text = text[:-1]
     if '"' in text:
-        return next(csv.reader([text], delimiter="\t"), [])
+        try:
+            return next(csv.reader([text], delimiter="\t"), [])
+        except csv.Error:  # e.g. a stray "\r" inside: not DVCLive's quoting, take the fields as they are
+            pass
     return text.split("\t")
 
 
@@ -182,14 +186,14 @@ class TsvTail:
             fields = split_line(line)
             if not fields or fields == [""]:
                 continue
+            if looks_like_header(fields):  # before `align`: a new header may have the old one's length
+                self.warnings.once(("header", self.path), "the header of %s changed mid-file; following it", self.key)
+                header = fields
+                if (end, fields) not in self._header_changes:
+                    self._header_changes.append((end, fields))
+                continue
             columns = align(header, fields)
             if columns is None:
-                if looks_like_header(fields):
-                    self.warnings.once(("header", self.path), "the header of %s changed mid-file; following it", self.key)
-                    header = fields
-                    if (end, fields) not in self._header_changes:
-                        self._header_changes.append((end, fields))
-                    continue
                 self.warnings.once(
                     ("align", self.path), "rows of %s do not match its header %s; sending them as they are", self.key, header
                 )
@@ -241,14 +245,28 @@ class TsvTail:
 # --- JSON / YAML documents ----------------------------------------------------------------------------
 
 
+def sendable(value: Any) -> Any:
+    """A parsed value that `json.dumps(allow_nan=False)` takes: NaN/Inf become DVCLive's "nan"/"inf"/"-inf"
+    (the strings it writes itself), other non-JSON YAML values (dates, sets, bytes) their text."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else ("nan" if value != value else "inf" if value > 0 else "-inf")
+    if value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, dict):
+        return {k if isinstance(k, (str, int)) else str(sendable(k)): sendable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [sendable(v) for v in value]
+    return str(value)
+
+
 def parse_json(text: str) -> Any:
-    return json.loads(text)
+    return sendable(json.loads(text))
 
 
 def parse_yaml(text: str) -> Any:
     if not text.endswith("\n"):
         raise ValueError("no final newline yet")
-    return yaml.safe_load(text)
+    return sendable(yaml.safe_load(text))
 
 
 class Document:
@@ -303,7 +321,31 @@ class Document:
 _TRAILERS = {".png": (b"IEND\xaeB`\x82",), ".gif": (b";",), ".jpg": (b"\xff\xd9",), ".jpeg": (b"\xff\xd9",)}
 
 
+def _gif_complete(data: bytes) -> bool:
+    """Walk GIF's length-prefixed blocks to the trailer (a `;` byte alone also occurs inside LZW data)."""
+    if len(data) < 13 or not data.startswith(b"GIF"):
+        return False
+    pos = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # global colour table
+    while pos < len(data):
+        kind = data[pos]
+        if kind == 0x3B:
+            return True
+        if kind == 0x21:  # extension: label, then sub-blocks
+            pos += 2
+        elif kind == 0x2C and pos + 10 <= len(data):  # image: descriptor, local colour table, LZW size
+            flags = data[pos + 9]
+            pos += 11 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+        else:
+            return False
+        while pos < len(data) and data[pos]:
+            pos += data[pos] + 1
+        pos += 1  # the sub-blocks' terminator
+    return False
+
+
 def image_complete(suffix: str, data: bytes) -> bool:
+    if suffix == ".gif":
+        return _gif_complete(data)
     tail = data[-64:].rstrip(b"\x00")
     return any(t in tail[-len(t) - 16 :] for t in _TRAILERS.get(suffix, (b"",)))
 
@@ -353,14 +395,27 @@ def scan(live_dir: str, live_key: str, tree_root: str, warnings: Warnings) -> Li
         return listing
     listing.is_dir = True
     prefix = live_key + "/" if live_key not in ("", ".") else ""
-    _walk(os.path.join(live_dir, "plots", "metrics"), prefix + "plots/metrics", TSV_SUFFIXES, listing.tsvs, tree_root, warnings)
-    _walk(os.path.join(live_dir, "plots", "images"), prefix + "plots/images", IMAGE_SUFFIXES, listing.images, tree_root, warnings)
+    real_live = os.path.realpath(live_dir)
+    root = tree_root
+    if not inside(real_live, tree_root):
+        if inside(os.path.abspath(live_dir), tree_root):  # the directory in the tree is a link out of it
+            warnings.once(("link", live_dir), "%s links outside the working tree; not uploading its plots", live_key)
+            return listing
+        root = real_live  # --dir names a directory outside the tree: only its own files
+    _walk(os.path.join(live_dir, "plots", "metrics"), prefix + "plots/metrics", TSV_SUFFIXES, listing.tsvs, root, warnings)
+    _walk(os.path.join(live_dir, "plots", "images"), prefix + "plots/images", IMAGE_SUFFIXES, listing.images, root, warnings)
     return listing
 
 
 def _walk(top: str, top_key: str, suffixes: tuple, out: dict, tree_root: str, warnings: Warnings) -> None:
+    top_st = _stat(top)
+    if top_st is None:
+        return
+    if not inside(os.path.realpath(top), tree_root):  # `plots` or `plots/metrics` itself is a link out
+        warnings.once(("link", top), "%s links outside the working tree; not uploading it", top_key)
+        return
     stack = [(top, top_key)]
-    seen_dirs: set = set()
+    seen_dirs: set = {(top_st.st_dev, top_st.st_ino)}
     while stack:
         path, key = stack.pop()
         try:
@@ -381,7 +436,8 @@ def _walk(top: str, top_key: str, suffixes: tuple, out: dict, tree_root: str, wa
                         warnings.once(("link", entry.path), "%s links outside the working tree; not uploading it", entry_key)
                         continue
                 if entry.is_dir():
-                    ident = os.stat(entry.path).st_ino
+                    dir_st = os.stat(entry.path)
+                    ident = (dir_st.st_dev, dir_st.st_ino)
                     if ident not in seen_dirs:
                         seen_dirs.add(ident)
                         stack.append((entry.path, entry_key))
