@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 from urllib.parse import urljoin, urlsplit
@@ -87,17 +88,23 @@ def resolve_endpoint(flag: Optional[str], env: Mapping[str, str]) -> str:
     onto DVC_STUDIO_URL or the default base; an absolute one is used as it is."""
     value = first(flag, env.get("STUDIO_ENDPOINT"))
     base = first(env.get("DVC_STUDIO_URL"), DEFAULT_STUDIO_URL)
-    url = urljoin(base, value or DEFAULT_ENDPOINT_PATH)
-    parts = urlsplit(url)
-    where = "--endpoint/STUDIO_ENDPOINT" if value else "DVC_STUDIO_URL"
+    where = "--endpoint" if flag else "STUDIO_ENDPOINT" if value else "DVC_STUDIO_URL"
+    try:
+        if value and env.get("DVC_STUDIO_URL") and not urlsplit(value).scheme:
+            where += " (joined onto DVC_STUDIO_URL)"
+        url = urljoin(base, value or DEFAULT_ENDPOINT_PATH)
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not a valid URL ({exc}); use e.g. https://studio.datachain.ai/api/live") from None
+    if parts.username or parts.password:  # checked first: the messages below quote the URL
+        raise ConfigError(f"{where} must not carry credentials in the URL; the token comes from STUDIO_TOKEN")
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigError(f"{where} gives {url!r}, which is not an http(s) URL; use e.g. https://studio.datachain.ai/api/live")
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ConfigError(
             f"{where} gives {url!r}: the token may only travel over https:// (plain http is allowed on loopback hosts only)"
         )
-    if parts.username or parts.password:
-        raise ConfigError(f"{where} must not carry credentials in the URL; the token comes from STUDIO_TOKEN")
     return url
 
 
@@ -112,7 +119,9 @@ def build(args, env: Mapping[str, str]) -> Config:
             break
     dirs = args.dir or [d for d in (env.get("LIVESEND_DIR") or "").splitlines() if d.strip()] or ["dvclive"]
     dirs = [d.strip() for d in dirs]
-    if len(set(dirs)) != len(dirs):
+    if not all(dirs):
+        raise ConfigError("--dir must name a directory, not an empty string")
+    if len({os.path.normpath(d) for d in dirs}) != len(dirs):
         raise ConfigError(f"--dir lists the same directory twice: {', '.join(dirs)}")
     interval = parse_seconds(first(args.interval, env.get("LIVESEND_INTERVAL")) or 1, "--interval/LIVESEND_INTERVAL", 0.05)
     flush = parse_seconds(
@@ -132,7 +141,8 @@ def build(args, env: Mapping[str, str]) -> Config:
     if baseline is not None:
         from livesend.ci import SHA_RE
 
-        if not SHA_RE.match(baseline.lower()):
+        baseline = baseline.strip().lower()
+        if not SHA_RE.match(baseline):
             raise ConfigError(f"--baseline-sha/LIVESEND_BASELINE_SHA must be a full 40-character commit SHA, not {baseline!r}")
     endpoint = resolve_endpoint(args.endpoint, env)
     return Config(
