@@ -52,14 +52,18 @@ def first(*values: Optional[str]) -> Optional[str]:
 
 
 def strip_credentials(url: str) -> str:
-    """`https://user:secret@host/x` -> `https://host/x` (GitLab CI clones with the job token in the URL).
-    scp-like SSH remotes (`git@host:org/repo.git`) carry no secret and stay as they are."""
+    """`https://user:secret@host/x` -> `https://host/x` (GitLab CI clones with the job token in the URL;
+    over http(s) a user name alone may be a token too). The user of an SSH URL (`ssh://git@host/x`) is no
+    secret and stays, as in scp-like remotes (`git@host:org/repo.git`): the URL is sent as DVCLive sends it."""
     if "://" not in url:
         return url
     parts = urlsplit(url)
     if "@" not in parts.netloc:
         return url
-    host = parts.netloc.rsplit("@", 1)[1]
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    if not parts.scheme.startswith("http"):
+        user = userinfo.split(":", 1)[0]
+        host = f"{user}@{host}" if user else host
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
@@ -133,6 +137,7 @@ def detect_baseline(flag: Optional[str], env: Mapping[str, str], cwd: str) -> tu
         if (
             env.get("CI_MERGE_REQUEST_EVENT_TYPE") == "merged_result"
             and source_sha
+            and SHA_RE.match(source_sha.lower())
             and (head is None or head == (env.get("CI_COMMIT_SHA") or "").lower())
         ):
             return source_sha.lower(), "merge request source branch"
@@ -169,11 +174,20 @@ def valid_ref_component(name: str) -> bool:
     return not re.search(r"[\x00-\x20\x7f~^:?*\[\\]", name)
 
 
-def sanitize(text: str) -> str:
+def sanitize(text: str, limit: int = 60) -> str:
     cleaned = _REF_BAD.sub("-", text).strip("-.")
     cleaned = re.sub(r"\.{2,}", ".", cleaned)
     cleaned = re.sub(r"-{2,}", "-", cleaned)
-    return cleaned[:60].strip("-.") or "run"
+    cleaned = cleaned[:limit].strip("-.")
+    while cleaned.lower().endswith(".lock"):  # Git refuses a ref component ending in .lock
+        cleaned = cleaned[:-5].strip("-.")
+    return cleaned or "run"
+
+
+def _unique_name(prefix: str, *unique: str) -> str:
+    """`<prefix>-<unique...>` within 60 characters: a long prefix is cut, never the part that makes it unique."""
+    tail = sanitize("-".join(sanitize(u) for u in unique))
+    return sanitize(f"{sanitize(prefix, max(1, 59 - len(tail)))}-{tail}")
 
 
 def generate_name(env: Mapping[str, str], rng: Optional[random.Random] = None) -> str:
@@ -182,11 +196,11 @@ def generate_name(env: Mapping[str, str], rng: Optional[random.Random] = None) -
     kind = platform(env)
     if kind == "github":
         suffix = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(4))
-        parts = [env.get("GITHUB_JOB") or "job", env.get("GITHUB_RUN_ID") or "0", env.get("GITHUB_RUN_ATTEMPT") or "1", suffix]
-        return sanitize("-".join(sanitize(p) for p in parts))
+        return _unique_name(
+            env.get("GITHUB_JOB") or "job", env.get("GITHUB_RUN_ID") or "0", env.get("GITHUB_RUN_ATTEMPT") or "1", suffix
+        )
     if kind == "gitlab" and env.get("CI_JOB_ID"):
-        slug = env.get("CI_JOB_NAME_SLUG") or env.get("CI_JOB_NAME") or "job"
-        return sanitize(f"{sanitize(slug)}-{env['CI_JOB_ID']}")
+        return _unique_name(env.get("CI_JOB_NAME_SLUG") or env.get("CI_JOB_NAME") or "job", env["CI_JOB_ID"])
     suffix = "".join(rng.choice("0123456789abcdef") for _ in range(4))
     return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{suffix}"
 
