@@ -1,0 +1,546 @@
+#!/usr/bin/env python3
+"""Entrypoint of the livesend GitHub container action: a thin supervisor around `livesend run`.
+
+The runner starts it as PID 1 of the action's container, as root, in /github/workspace, with the
+inputs in the environment (see action.yml). What it adds to `livesend run`, which does the real work:
+
+- `::add-mask::` for the token before anything else is printed;
+- `git config --global --add safe.directory` for the workspace (owned by the runner's user, not root);
+- `install`, then `livesend run -- bash -e -o pipefail -c RUN`, each in a process group of its own,
+  their output (stdout and stderr on one pipe, so in order) inside `::stop-commands::<random>`, so
+  a training log cannot issue workflow commands;
+- livesend's warnings and errors (from `--report-json`) as annotations, after that block;
+- PID 1 duties: SIGINT/SIGTERM go to the command's process group, then SIGTERM after 1 s and SIGKILL
+  after 2 s if it is still running; livesend then flushes (4 s by default) and sends `done`; the
+  step ends within 7 s of the first signal (the runner kills the container 7.5 + 2.5 s after it);
+- what was created as root in the workspace is given back to the workspace's owner;
+- the job summary, the step outputs, and the exit status (the command's; 3 with `strict`).
+
+livesend runs as a child process, not in this process: then this supervisor can always close the
+stop-commands block, write the summary and outputs, and give files back, whatever happens to
+livesend, and keep the cancellation deadline (killing livesend as a last resort).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+FLUSH_TIMEOUT = "4"  # seconds: a cancelled step must end within 7.5 s of SIGINT
+TERM_AFTER = 1.0  # seconds after the first signal: SIGTERM to the command if it still runs
+KILL_AFTER = 2.0  # ... SIGKILL to the command's process group
+GIVE_UP_AFTER = 6.5  # ... SIGKILL to livesend itself, so the step ends within 7 s
+SUMMARY_LIMIT = 900_000  # bytes; GitHub refuses a step summary over 1 MiB
+MAX_ANNOTATIONS = 10  # GitHub shows at most 10 warnings and 10 errors per step
+INPUT_PREFIX = "LIVESEND_ACTION_"
+
+
+# --- workflow commands -------------------------------------------------------------------------------
+
+
+def escape_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def escape_property(text: str) -> str:
+    return escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def say(line: str) -> None:
+    """One line on stdout, flushed: the children write to the same pipe."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def annotate(level: str, message: str, title: str = "livesend") -> None:
+    say(f"::{level} title={escape_property(title)}::{escape_data(message)}")
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+
+def action_input(env: dict, name: str, default: str = "") -> str:
+    """An input, from the variable action.yml maps it to (runs.env), else the runner's INPUT_<NAME>
+    (upper case, spaces to '_', hyphens kept), else `default`."""
+    mapped = INPUT_PREFIX + name.upper().replace("-", "_")
+    if mapped in env:
+        return env[mapped]
+    return env.get("INPUT_" + name.replace(" ", "_").upper(), default)
+
+
+def parse_bool(value: str, name: str) -> bool:
+    text = value.strip().lower()
+    if text in ("", "false", "0", "no", "off"):
+        return False
+    if text in ("true", "1", "yes", "on"):
+        return True
+    raise ValueError(f"the `{name}` input must be true or false, not {value!r}")
+
+
+def studio_token(env: dict) -> str:
+    """The `studio-token` input, else STUDIO_TOKEN or DVC_STUDIO_TOKEN from the step's `env:`."""
+    return (action_input(env, "studio-token").strip() or env.get("STUDIO_TOKEN", "").strip()
+            or env.get("DVC_STUDIO_TOKEN", "").strip())
+
+
+class Inputs:
+    def __init__(self, env: dict) -> None:
+        self.run = action_input(env, "run").strip()
+        self.install = action_input(env, "install").strip()
+        self.token = studio_token(env)
+        self.endpoint = action_input(env, "studio-endpoint").strip()
+        self.dirs = [d.strip() for d in action_input(env, "dvclive-dir", "dvclive").splitlines() if d.strip()]
+        self.working_directory = action_input(env, "working-directory", ".").strip() or "."
+        self.name = action_input(env, "name").strip()
+        self.baseline_sha = action_input(env, "baseline-sha").strip()
+        self.repo_url = action_input(env, "repo-url").strip()
+        self.message = action_input(env, "message").strip()
+        self.interval = action_input(env, "interval").strip()
+        self.flush_timeout = action_input(env, "flush-timeout").strip() or FLUSH_TIMEOUT
+        self.strict = parse_bool(action_input(env, "strict", "false"), "strict")
+        self.dry_run = parse_bool(action_input(env, "dry-run", "false"), "dry-run")
+
+    def livesend_args(self, report_json: str, debug: bool) -> list:
+        args = ["run", "--report-json", report_json, "--flush-timeout", self.flush_timeout]
+        for flag, value in (("--endpoint", self.endpoint), ("--name", self.name), ("--baseline-sha", self.baseline_sha),
+                            ("--repo-url", self.repo_url), ("--message", self.message), ("--interval", self.interval)):
+            if value:
+                args += [flag, value]
+        for d in self.dirs:
+            args += ["--dir", d]
+        if self.strict:
+            args.append("--strict")
+        if self.dry_run:
+            args.append("--dry-run")
+        if debug:
+            args.append("--verbose")
+        return args + ["--", "bash", "-e", "-o", "pipefail", "-c", self.run]
+
+
+def child_environment(env: dict, token: str) -> dict:
+    """The environment of `install` and of livesend: no input variables, nothing holding the token."""
+    out = {}
+    for key, value in env.items():
+        if key.startswith(("INPUT_", INPUT_PREFIX)) or key in ("STUDIO_TOKEN", "DVC_STUDIO_TOKEN"):
+            continue
+        if token and token in value:
+            continue
+        out[key] = value
+    return out
+
+
+# --- git ---------------------------------------------------------------------------------------------
+
+
+def git_top(path: str, stop: str) -> Optional[str]:
+    """The nearest directory at or above `path` (not above `stop`) holding `.git`."""
+    here = os.path.realpath(path)
+    stop = os.path.realpath(stop)
+    while True:
+        if os.path.exists(os.path.join(here, ".git")):
+            return here
+        if here == stop or os.path.dirname(here) == here:
+            return None
+        here = os.path.dirname(here)
+
+
+def trust_directories(paths: list, env: dict) -> None:
+    """`git config --global --add safe.directory` for each path not yet trusted (HOME is a volume
+    shared by the job's container steps, so this is done at run time and only once)."""
+    try:
+        have = subprocess.run(["git", "config", "--global", "--get-all", "safe.directory"], env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20).stdout.split("\n")
+        for path in dict.fromkeys(paths):
+            if path not in have:
+                subprocess.run(["git", "config", "--global", "--add", "safe.directory", path], env=env,
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        annotate("warning", f"could not mark the workspace as a safe Git directory ({exc}); "
+                            "Git commands in the container may fail with 'dubious ownership'")
+
+
+# --- file ownership ----------------------------------------------------------------------------------
+
+
+def give_back(root: str) -> int:
+    """Files and directories under `root` that this container created (owned by our uid) are given
+    to `root`'s owner, so that later steps on the runner (another uid) can change and commit them."""
+    try:
+        owner = os.stat(root)
+    except OSError:
+        return 0
+    me = os.geteuid()
+    if owner.st_uid == me:
+        return 0
+    count = 0
+    for top, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+                if st.st_uid == me:
+                    os.lchown(path, owner.st_uid, owner.st_gid)
+                    count += 1
+            except OSError:
+                pass
+    return count
+
+
+# --- children and signals ----------------------------------------------------------------------------
+
+
+def children_groups(pid: int) -> list:
+    """Process groups led by direct children of `pid` (the command livesend started leads its own)."""
+    groups = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return groups
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(")") + 2:].split()
+        except (OSError, ValueError):
+            continue
+        if int(fields[1]) == pid and int(fields[2]) == int(entry):
+            groups.append(int(entry))
+    return groups
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+class Supervisor:
+    """Forwards SIGINT/SIGTERM to the running command's process group, escalates, keeps the deadline."""
+
+    def __init__(self) -> None:
+        self.first_signal: Optional[float] = None
+        self.received: list = []
+        self.pending: list = []
+        self.escalated: set = set()
+        self.killed_livesend = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.first_signal is None:
+            self.first_signal = time.monotonic()
+        self.received.append(signum)
+        self.pending.append(signum)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.first_signal is not None
+
+    def run(self, argv: list, cwd: str, env: dict, command_is_child: bool) -> int:
+        """Run `argv` in a process group of its own, stdout and stderr both on our stdout.
+        `command_is_child`: the command is `argv`'s child (livesend), not `argv` itself (install)."""
+        sys.stdout.flush()
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                process_group=0)
+        command = None if command_is_child else proc.pid
+        while True:
+            try:
+                return proc.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
+            if command is None and command_is_child:
+                found = children_groups(proc.pid)
+                command = found[0] if found else None
+            self._tick(proc, command)
+
+    def _tick(self, proc: subprocess.Popen, command: Optional[int]) -> None:
+        if self.first_signal is None:
+            return
+        alive = command is not None and group_alive(command)
+        if alive:
+            while self.pending:
+                self._kill(command, self.pending.pop(0))
+        elapsed = time.monotonic() - self.first_signal
+        if alive and elapsed >= TERM_AFTER and "term" not in self.escalated:
+            self.escalated.add("term")
+            self._kill(command, signal.SIGTERM)
+        if alive and elapsed >= KILL_AFTER and "kill" not in self.escalated:
+            self.escalated.add("kill")
+            self._kill(command, signal.SIGKILL)
+        if elapsed >= GIVE_UP_AFTER and not self.killed_livesend and proc.poll() is None:
+            self.killed_livesend = True
+            self._kill(proc.pid, signal.SIGKILL)
+
+    @staticmethod
+    def _kill(pgid: int, signum: int) -> None:
+        try:
+            os.killpg(pgid, signum)
+        except OSError:
+            pass
+
+
+def exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+# --- report, summary, outputs ------------------------------------------------------------------------
+
+
+def read_report(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def flatten(value, prefix: str = "") -> list:
+    if isinstance(value, dict):
+        out = []
+        for key, item in value.items():
+            out += flatten(item, f"{prefix}/{key}" if prefix else str(key))
+        return out
+    return [(prefix, value)]
+
+
+def cell(value) -> str:
+    if isinstance(value, bool) or value is None:
+        text = json.dumps(value)
+    elif isinstance(value, float):
+        text = format(value, ".6g")
+    elif isinstance(value, (int, str)):
+        text = str(value)
+    else:
+        text = json.dumps(value)
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
+
+
+def table(rows: list, header: tuple) -> list:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    shown = rows[:200]
+    lines += [f"| {cell(k)} | {cell(v)} |" for k, v in shown]
+    if len(rows) > len(shown):
+        lines.append(f"| ... | {len(rows) - len(shown)} more |")
+    return lines
+
+
+def status_line(status: int, cancelled: bool) -> str:
+    if cancelled:
+        return f"The step was cancelled; the command ended with exit status {status}."
+    if status == 0:
+        return "The command succeeded."
+    if status > 128:
+        return f"The command was killed by signal {status - 128}."
+    return f"The command failed with exit status {status}."
+
+
+def summary(status: int, report: Optional[dict], inputs: Inputs, cancelled: bool, note: str) -> str:
+    name = (report or {}).get("name") or inputs.name or "(no experiment)"
+    lines = [f"## livesend: `{cell(name)}`", "", status_line(status, cancelled)]
+    if note:
+        lines += ["", note]
+    if report is None:
+        return "\n".join(lines) + "\n"
+    host = report.get("endpoint_host") or "Studio"
+    experiments = report.get("experiments") or []
+    lines.append("")
+    if report.get("dry_run"):
+        lines.append(f"Dry run: {report.get('events_sent', 0)} data events printed, nothing sent.")
+    elif not report.get("live"):
+        lines.append("Live metrics were off: no Studio token (normal on pull requests from forks).")
+    elif not any(e.get("started") for e in experiments):
+        lines.append(f"No DVCLive output was found, so nothing was sent to {host}.")
+    else:
+        lines.append(f"{report.get('events_sent', 0)} data events sent to {host}.")
+    lines.append(f"Baseline commit: `{cell(report.get('baseline_sha') or '')}`.")
+    for exp in experiments:
+        if not exp.get("started") and not exp.get("metrics"):
+            continue
+        done = "marked done" if exp.get("done") else "**not** marked done"
+        lines += ["", f"### Experiment `{cell(exp.get('name'))}`", "",
+                  f"{exp.get('data_events', 0)} data events, {exp.get('rows', 0)} plot rows, "
+                  f"{exp.get('images', 0)} images; {done}."]
+        if exp.get("undelivered"):
+            lines.append(f"Not delivered: {cell(exp['undelivered'])}.")
+        metrics = flatten(exp.get("metrics") or {})
+        if metrics:
+            lines += ["", f"Final metrics (step {exp.get('step', 0)}):", ""] + table(metrics, ("metric", "value"))
+        params = flatten(exp.get("params") or {})
+        if params:
+            lines += ["", "<details><summary>Params</summary>", ""] + table(params, ("param", "value")) + ["", "</details>"]
+    commands = report.get("commands") or []
+    uncommitted = report.get("uncommitted") or []
+    if commands and (uncommitted or any(e.get("started") for e in experiments)):
+        lines += ["", "### Keep the results",
+                  "", "Studio shows live metrics only while the experiment runs. Commit the DVCLive output "
+                  "to keep them, in a later step of this job or from a clone with these files:", "", "```sh"]
+        lines += commands + ["```"]
+        if uncommitted:
+            shown = ", ".join(f"`{cell(p)}`" for p in uncommitted[:20])
+            lines.append(f"Not committed yet: {shown}{', ...' if len(uncommitted) > 20 else ''}")
+    problems = report.get("problems") or []
+    if problems:
+        lines += ["", "### Problems", ""] + [f"- {p.get('level')}: {cell(p.get('message', ''))}" for p in problems[:50]]
+    text = "\n".join(lines) + "\n"
+    if len(text.encode()) > SUMMARY_LIMIT:
+        text = text.encode()[:SUMMARY_LIMIT].decode("utf-8", "ignore") + "\n\n(cut: over the summary size limit)\n"
+    return text
+
+
+def append(path: Optional[str], text: str) -> None:
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        annotate("warning", f"could not write {path}: {exc.strerror}")
+
+
+def outputs(status: int, report: Optional[dict]) -> str:
+    report = report or {}
+    values = {
+        "exit-code": str(status),
+        "experiment-name": report.get("name") or "",
+        "baseline-sha": report.get("baseline_sha") or "",
+        "events-sent": str(report.get("events_sent", 0)) if report else "",
+    }
+    return "".join(f"{key}={value}\n" for key, value in values.items() if "\n" not in value)
+
+
+def annotate_problems(report: Optional[dict]) -> None:
+    seen = set()
+    counts = {"warning": 0, "error": 0}
+    for problem in (report or {}).get("problems") or []:
+        level = "error" if problem.get("level") == "error" else "warning"
+        message = str(problem.get("message", "")).strip()
+        if not message or (level, message) in seen or counts[level] >= MAX_ANNOTATIONS:
+            continue
+        seen.add((level, message))
+        counts[level] += 1
+        annotate(level, message)
+
+
+# --- main --------------------------------------------------------------------------------------------
+
+
+def validate(inputs: Inputs, args: list, env: dict) -> Optional[str]:
+    """livesend's own checks of its options (the same code `livesend run` runs), before anything runs."""
+    from livesend.cli import make_parser
+    from livesend.config import ConfigError, build
+
+    try:
+        build(make_parser().parse_args(args), env)
+    except ConfigError as exc:
+        return str(exc)
+    except SystemExit:
+        return "invalid livesend options"
+    return None
+
+
+def main() -> int:
+    env = dict(os.environ)
+    supervisor = Supervisor()
+    for line in studio_token(env).splitlines():  # before anything else is printed
+        say(f"::add-mask::{escape_data(line)}")
+    try:
+        inputs = Inputs(env)
+    except ValueError as exc:
+        annotate("error", str(exc))
+        return 2
+    if not inputs.run:
+        annotate("error", "the `run` input is required: the training command, e.g. `python train.py`")
+        return 2
+
+    workspace = env.get("GITHUB_WORKSPACE") or os.getcwd()
+    workdir = os.path.normpath(os.path.join(workspace, inputs.working_directory))
+    if not os.path.isdir(workdir):
+        annotate("error", f"the working-directory {inputs.working_directory!r} does not exist in the workspace")
+        return 2
+    base_env = child_environment(env, inputs.token)
+    trust_directories([os.path.realpath(p) for p in (workspace, git_top(workdir, workspace) or workspace)], base_env)
+
+    report_dir = tempfile.mkdtemp(prefix="livesend-action-")
+    report_path = os.path.join(report_dir, "report.json")
+    args = inputs.livesend_args(report_path, env.get("RUNNER_DEBUG") == "1")
+    livesend_env = dict(base_env)
+    if inputs.token:
+        livesend_env["STUDIO_TOKEN"] = inputs.token
+    problem = validate(inputs, args, livesend_env)
+    if problem:
+        annotate("error", problem)
+        return finish(2, None, inputs, supervisor, workspace, env, "")
+
+    note = ""
+    status = 0
+    if inputs.install:
+        title = inputs.install.splitlines()[0]
+        say(f"::group::install: {escape_data(title)}")
+        end = stop_commands()
+        status = exit_status(supervisor.run(["bash", "-e", "-o", "pipefail", "-c", inputs.install], workdir, base_env,
+                                            command_is_child=False))
+        say(f"::{end}::")
+        say("::endgroup::")
+        if status == 0 and supervisor.cancelled:
+            status = 128 + supervisor.received[0]
+        if status != 0:
+            what = "was cancelled" if supervisor.cancelled else f"failed with exit status {status}"
+            annotate("error", f"the install command {what}; the training did not run")
+            return finish(status, None, inputs, supervisor, workspace, env,
+                          f"The `install` command {what}, so the training did not run.")
+    report = None
+    if not supervisor.cancelled:
+        end = stop_commands()
+        status = exit_status(supervisor.run([sys.executable, "-m", "livesend", *args], workdir, livesend_env,
+                                            command_is_child=True))
+        say(f"::{end}::")
+        report = read_report(report_path)
+        annotate_problems(report)
+        if supervisor.killed_livesend:
+            note = "livesend was stopped before it finished: Studio may show the experiment as still running."
+            annotate("error", "livesend did not finish within the cancellation grace period; "
+                              "Studio may show the experiment as still running")
+        elif report is None:
+            annotate("error", f"livesend ended without a report (exit status {status}); see the log above")
+    try:
+        os.remove(report_path)
+        os.rmdir(report_dir)
+    except OSError:
+        pass
+    return finish(status, report, inputs, supervisor, workspace, env, note)
+
+
+def stop_commands() -> str:
+    token = secrets.token_hex(16)
+    say(f"::stop-commands::{token}")
+    return token
+
+
+def finish(status: int, report: Optional[dict], inputs: Inputs, supervisor: Supervisor, workspace: str, env: dict,
+           note: str) -> int:
+    cancelled = supervisor.cancelled
+    append(env.get("GITHUB_STEP_SUMMARY"), summary(status, report, inputs, cancelled, note))
+    append(env.get("GITHUB_OUTPUT"), outputs(status, report))
+    if env.get("GITHUB_ACTIONS") == "true":
+        give_back(workspace)
+        home = env.get("HOME")
+        if home and os.path.isdir(home) and os.path.realpath(home) != "/":
+            give_back(home)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
