@@ -9,7 +9,7 @@ import sys
 from typing import Optional
 
 from livesend import __version__
-from livesend.config import TOKEN_VARS, ConfigError, Redactor, build
+from livesend.config import SECRET_VARS, ConfigError, Redactor, build
 
 log = logging.getLogger("livesend")
 
@@ -48,8 +48,13 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--interval", metavar="SECONDS", help="at most one data event per interval [env LIVESEND_INTERVAL; default 1]")
     run.add_argument("--flush-timeout", metavar="SECONDS",
                      help="time to deliver the rest and `done` after the command ends [env LIVESEND_FLUSH_TIMEOUT; default 30]")
+    run.add_argument("--request-timeout", metavar="SECONDS",
+                     help="how long to wait for Studio to answer one request [env LIVESEND_REQUEST_TIMEOUT; default 30]")
     run.add_argument("--record", metavar="FILE", help="append one JSON line per request made (never the token)")
     run.add_argument("--report-json", metavar="FILE", help="write the end-of-run report as JSON (for CI integrations)")
+    run.add_argument("--comment", action="store_true", default=None,
+                     help="post the report on the pull request (GitHub) or merge request (GitLab), one comment per "
+                     "job, updated in place [env LIVESEND_COMMENT; token LIVESEND_GITHUB_TOKEN or GITHUB_TOKEN, LIVESEND_GITLAB_TOKEN]")
     run.add_argument("--dry-run", action="store_true", help="send nothing, need no token: print each payload")
     run.add_argument("--strict", action="store_true", default=None,
                      help="exit 3 when the command succeeded but delivery to Studio failed [env LIVESEND_STRICT]")
@@ -95,10 +100,10 @@ def main(argv: Optional[list] = None) -> int:
         return USAGE_ERROR
     # From here on the token lives only in the Config: not in our environment, so no child process
     # (git, the command) can inherit it.
-    env = {k: v for k, v in os.environ.items() if k not in TOKEN_VARS and not (config.token and config.token in v)}
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS and not any(s in v for s in config.secrets)}
     for key in set(os.environ) - set(env):
         del os.environ[key]
-    setup_logging(config.verbosity, [config.token] if config.token else [])
+    setup_logging(config.verbosity, config.secrets)
     from livesend.run import run
 
     try:

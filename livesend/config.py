@@ -14,6 +14,10 @@ from urllib.parse import urljoin, urlsplit
 DEFAULT_STUDIO_URL = "https://studio.datachain.ai"
 DEFAULT_ENDPOINT_PATH = "api/live"
 TOKEN_VARS = ("STUDIO_TOKEN", "DVC_STUDIO_TOKEN")
+# Tokens for the PR/MR comment: held in the Config, never passed on to the command (GITHUB_TOKEN too,
+# when it is the one used for the comment).
+COMMENT_TOKEN_VARS = ("LIVESEND_GITHUB_TOKEN", "LIVESEND_GITLAB_TOKEN")
+SECRET_VARS = TOKEN_VARS + COMMENT_TOKEN_VARS
 
 
 class ConfigError(Exception):
@@ -33,11 +37,19 @@ class Config:
     message: Optional[str] = None
     interval: float = 1.0
     flush_timeout: float = 30.0
+    request_timeout: float = 30.0
     record: Optional[str] = None
     report_json: Optional[str] = None
     dry_run: bool = False
     strict: bool = False
     verbosity: int = 0
+    comment: bool = False
+    github_token: Optional[str] = field(default=None, repr=False)
+    gitlab_token: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def secrets(self) -> list:
+        return [s for s in (self.token, self.github_token, self.gitlab_token) if s]
 
     @property
     def endpoint_host(self) -> str:
@@ -127,7 +139,13 @@ def build(args, env: Mapping[str, str]) -> Config:
     flush = parse_seconds(
         first(args.flush_timeout, env.get("LIVESEND_FLUSH_TIMEOUT")) or 30, "--flush-timeout/LIVESEND_FLUSH_TIMEOUT", 0
     )
+    request_timeout = parse_seconds(
+        first(getattr(args, "request_timeout", None), env.get("LIVESEND_REQUEST_TIMEOUT")) or 30,
+        "--request-timeout/LIVESEND_REQUEST_TIMEOUT", 0.1,
+    )
     strict = bool(args.strict) or parse_bool(env.get("LIVESEND_STRICT"), "LIVESEND_STRICT")
+    comment = bool(getattr(args, "comment", None)) or parse_bool(env.get("LIVESEND_COMMENT"), "LIVESEND_COMMENT")
+    github_token = first((env.get("LIVESEND_GITHUB_TOKEN") or "").strip(), (env.get("GITHUB_TOKEN") or "").strip() if comment else None)
     name = first(args.name, env.get("LIVESEND_NAME"), env.get("DVC_EXP_NAME"))
     if name is not None:
         from livesend.ci import valid_ref_component
@@ -157,11 +175,15 @@ def build(args, env: Mapping[str, str]) -> Config:
         message=first(args.message, env.get("LIVESEND_MESSAGE")),
         interval=interval,
         flush_timeout=flush,
+        request_timeout=request_timeout,
         record=args.record,
         report_json=getattr(args, "report_json", None),
         dry_run=bool(args.dry_run),
         strict=strict,
         verbosity=args.verbosity,
+        comment=comment,
+        github_token=github_token,
+        gitlab_token=(env.get("LIVESEND_GITLAB_TOKEN") or "").strip() or None,
     )
 
 

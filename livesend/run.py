@@ -95,7 +95,7 @@ def _run(config: Config, env: Mapping[str, str], problems: Problems) -> int:
         if config.dry_run:
             transport = DryRunTransport(sys.stderr, recorder)
         else:
-            transport = Transport(config.endpoint, config.token or "", recorder)
+            transport = Transport(config.endpoint, config.token or "", recorder, config.request_timeout)
         stack.callback(transport.close)
         root = ci.dvc_root(cwd, top)
         ctx = Context(
@@ -120,9 +120,17 @@ def _run(config: Config, env: Mapping[str, str], problems: Problems) -> int:
 
     experiments = [s for session in sessions for s in session.stats]
     summary = report.build(status, config.endpoint_host, experiments, config.dirs, cwd, env, live, config.dry_run,
-                           name=name, baseline_sha=baseline, repo_url=repo_url or "", problems=problems.items)
+                           groups=[session.stats for session in sessions] or None, names=names,
+                           cancelled=bool(command.signals), name=name, baseline_sha=baseline,
+                           repo_url=repo_url or "", problems=problems.items)
     for line in report.render_text(summary).splitlines():
         log.info("%s", line)
+    if env.get("GITHUB_STEP_SUMMARY"):
+        report.write_step_summary(summary, env["GITHUB_STEP_SUMMARY"])
+    if config.comment:
+        from livesend import comment
+
+        comment.post(summary, env, config.github_token, config.gitlab_token)
     if config.report_json:
         write_report_json(config.report_json, summary)
     if config.strict and status == 0 and (not live or summary.delivery_failed or transport_failed(sessions)):

@@ -133,6 +133,7 @@ class Session(threading.Thread):
         self.stop_watch = threading.Event()
         self.deadline: Optional[float] = None
         self.failures = 0
+        self.not_before = 0.0  # monotonic time before which Studio asked not to be called (Retry-After)
         self.crashed = False
         self.watcher = Watcher(self.live_dir, self.wake, self.stop_watch)
 
@@ -187,22 +188,34 @@ class Session(threading.Thread):
         assert self.deadline is not None
         flush = max(0.0, self.deadline - self.clock())
         data_deadline = self.deadline - min(3.0, flush * DONE_RESERVE)
+        self.failures = 0  # a new phase: the backoff of a long outage must not eat the flush time
+        if self.not_before > self.clock():  # Studio asked (Retry-After) to wait
+            time.sleep(max(0.0, min(self.not_before, data_deadline) - self.clock()))
         while not self.transport.stopped:
             outcome = self.sync(final=True, deadline=data_deadline)
             if outcome is None or outcome.kind != "retry":
                 break
-            delay = self._retry_delay(outcome)
-            if self.clock() + delay >= data_deadline:
+            delay = self._final_delay(outcome, data_deadline)
+            if delay is None:
                 break
             time.sleep(delay)
         self._report_undelivered()
         self._close(self.deadline)
+
+    def _final_delay(self, outcome: Outcome, deadline: float) -> Optional[float]:
+        """Backoff within the flush time: never past the deadline, so there is always a last try;
+        None when no try fits (or Studio asked to wait longer than is left)."""
+        remaining = deadline - self.clock()
+        if remaining <= 0.1 or (outcome.retry_after is not None and outcome.retry_after >= remaining):
+            return None
+        return min(self._retry_delay(outcome), remaining / 2)
 
     def _retry_delay(self, outcome: Outcome) -> float:
         self.failures += 1
         delay = backoff(self.failures)
         if outcome.retry_after is not None:
             delay = max(delay, outcome.retry_after)
+            self.not_before = self.clock() + outcome.retry_after
         log.debug("retrying %s in %.1f s (%s)", self.exp.stats.name, delay, outcome.detail)
         return delay
 
@@ -251,12 +264,12 @@ class Session(threading.Thread):
             listing = reader.scan(self.live_dir, self.live_key, self.ctx.tree_root, self.warnings)
 
     def _send(self, request: studio.Request, deadline: Optional[float]) -> Outcome:
-        timeout = 30.0
+        timeout = self.transport.timeout
         if deadline is not None:
-            timeout = deadline - self.clock()
+            timeout = min(timeout, deadline - self.clock())
             if timeout <= 0:
                 return Outcome("retry", None, "out of time")
-        outcome = self.transport.post(request, timeout=min(30.0, timeout))
+        outcome = self.transport.post(request, timeout=timeout)
         self.exp.stats.requests += 1
         if outcome.kind == "retry":
             self.exp.stats.retries += 1
@@ -396,7 +409,6 @@ class Session(threading.Thread):
             return
         exp.stats.experiment_rev = ci.experiment_rev(self.ctx.cwd, self.ctx.baseline_sha, exp.stats.name, self.ctx.env)
         request = studio.done_request(exp.ident, exp.stats.experiment_rev)
-        failures = 0
         while True:
             outcome = self._send(request, deadline)
             if outcome.ok:
@@ -404,11 +416,8 @@ class Session(threading.Thread):
                 return
             if outcome.kind != "retry":
                 return
-            failures += 1
-            delay = backoff(failures)
-            if outcome.retry_after is not None:
-                delay = max(delay, outcome.retry_after)
-            if self.clock() + delay >= deadline:
+            delay = self._final_delay(outcome, deadline)
+            if delay is None:
                 log.error("could not send `done` for %s before the flush timeout; Studio will show it as running",
                           exp.stats.name)
                 return
@@ -416,9 +425,9 @@ class Session(threading.Thread):
 
     def _report_undelivered(self) -> None:
         exp = self.exp
-        rows = sum(t.pending_rows() for t in exp.tsvs.values())
         listing = reader.scan(self.live_dir, self.live_key, self.ctx.tree_root, self.warnings)
-        rows += sum(1 for k in listing.tsvs if k not in exp.tsvs)  # never read at all: at least one row
+        tails = [exp.tsvs.get(key) or TsvTail(path, key, self.warnings) for key, (path, _) in listing.tsvs.items()]
+        rows = sum(t.pending_rows() for t in tails)
         images = [k for k, (_, st) in listing.images.items() if exp.images.get(k) != Stamp.of(st)]
         docs = self.metrics_doc.value != exp.metrics or self.params_doc.value != exp.params
         if rows or images or docs:
@@ -430,5 +439,5 @@ class Session(threading.Thread):
             if docs:
                 parts.append("the latest metrics/params")
             exp.stats.undelivered = ", ".join(parts)
-            if exp.stats.started or self.transport.stopped:
-                log.error("not delivered to Studio for %s: %s", exp.stats.name, exp.stats.undelivered)
+            log.error("not delivered to Studio for %s%s: %s", exp.stats.name,
+                      "" if exp.stats.started else " (Studio never acknowledged its start)", exp.stats.undelivered)

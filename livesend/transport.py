@@ -47,7 +47,7 @@ class Outcome:
 
 def backoff(failures: int, rng: random.Random = random.Random()) -> float:
     """Exponential backoff with full jitter, capped at 30 s: failures=1 -> up to 0.5 s, 2 -> 1 s, ..."""
-    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** max(0, failures - 1)))
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(max(0, failures - 1), 16)))  # 2**n overflows a float
     return ceiling * (0.5 + rng.random() / 2)
 
 
@@ -98,8 +98,9 @@ class Recorder:
         self.lock = threading.Lock()
 
     def write(self, request: Request, outcome: Outcome) -> None:
+        now = time.time()  # read once: seconds and milliseconds of the same instant
         line = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
             "event": request.event,
             "status": outcome.status,
             "outcome": outcome.kind,
@@ -116,8 +117,9 @@ class Transport:
     """POSTs to the Studio endpoint with the token. Shared by every experiment of the run: once the
     token is rejected (or the endpoint redirects, or TLS fails) nothing more is sent by anyone."""
 
-    def __init__(self, endpoint: str, token: str, recorder: Optional[Recorder] = None) -> None:
+    def __init__(self, endpoint: str, token: str, recorder: Optional[Recorder] = None, timeout: float = READ_TIMEOUT) -> None:
         self.endpoint = endpoint
+        self.timeout = timeout
         self.recorder = recorder
         self.session = requests.Session()
         if not (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")) and os.environ.get("SSL_CERT_FILE"):
@@ -128,11 +130,14 @@ class Transport:
         self.stopped: Optional[str] = None
         self.lock = threading.Lock()
         self.requests = 0
+        self._secret = token
 
     def post(self, request: Request, timeout: float = READ_TIMEOUT) -> Outcome:
         if self.stopped:
             return Outcome("fatal", None, self.stopped)
         outcome = self._post(request, max(0.5, timeout))
+        if self._secret and self._secret in outcome.detail:  # a server echoing the token: not into records/logs
+            outcome.detail = outcome.detail.replace(self._secret, "***")
         self.requests += 1
         if self.recorder:
             self.recorder.write(request, outcome)
@@ -191,6 +196,7 @@ class DryRunTransport:
         self.stopped: Optional[str] = None
         self.requests = 0
         self.lock = threading.Lock()
+        self.timeout = READ_TIMEOUT
 
     def post(self, request: Request, timeout: float = READ_TIMEOUT) -> Outcome:
         with self.lock:

@@ -48,8 +48,10 @@ class Received:
 
 
 class StudioServer:
-    def __init__(self, token: str = "test-token", host: str = "127.0.0.1", port: int = 0, path: str = "/api/live"):
+    def __init__(self, token: str = "test-token", host: str = "127.0.0.1", port: int = 0, path: str = "/api/live",
+                 tls: Optional[tuple] = None):
         self.token = token
+        self.scheme = "https" if tls else "http"
         self.path = path
         self.faults: list = []  # consumed one per request; an entry may be an int status or a Fault
         self.rule: Optional[Callable[[dict], Optional[Fault]]] = None  # a fault chosen per body
@@ -59,6 +61,12 @@ class StudioServer:
         self.cond = threading.Condition(self.lock)
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
+        if tls:  # (certfile, keyfile)
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -66,7 +74,7 @@ class StudioServer:
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}{self.path}"
+        return f"{self.scheme}://{host}:{port}{self.path}"
 
     def __enter__(self) -> "StudioServer":
         self.thread.start()
@@ -152,7 +160,7 @@ class StudioServer:
                     except OSError:
                         pass
                     if not fault.process:
-                        server._record(Received(time.time(), body, headers, 0, "reset"))
+                        server._record(Received(time.time(), body, headers, 0))  # reset: no answer
                     return None
                 if not fault.process:
                     server._record(Received(time.time(), body, headers, fault.status))
