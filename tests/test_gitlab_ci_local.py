@@ -1,0 +1,381 @@
+"""The GitLab template (`.livesend` hidden job), the CI/CD component and the example pipeline, run for real
+by gitlab-ci-local 4.73.0 with the shell executor: livesend installed from this checkout through
+LIVESEND_INSTALL, a real DVCLive training (examples/train.py), the loopback Studio server.
+
+How GitLab is reproduced here:
+- the project is a throwaway Git repository whose `origin` carries a job token in its URL, as GitLab's
+  clone does; gitlab-ci-local derives CI_PROJECT_URL, CI_SERVER_FQDN and CI_PROJECT_PATH from it;
+- the token reaches the job through the environment only (never argv, never a file): gitlab-ci-local
+  hands its own environment to shell-executor jobs, as a runner does with a masked variable;
+- other project CI/CD variables go into `.gitlab-ci-local-variables.yml` (untracked), including
+  GITLAB_CI=true: gitlab-ci-local sets "false" where GitLab sets "true";
+- the job installs livesend into a virtual environment of its own (system site-packages visible, so the
+  training's numpy/dvclive need no download), never into the interpreter running these tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import EXAMPLES, ROOT, TOKEN, clean_env, git
+from dvclive_files import disk_state, received_state
+
+GCL = ROOT / ".ci" / "node" / "node_modules" / ".bin" / "gitlab-ci-local"
+GCL_VERSION = "4.73.0"
+TEMPLATE = ROOT / "gitlab" / "livesend.gitlab-ci.yml"
+COMPONENT = ROOT / "templates" / "livesend.yml"
+EXAMPLE = ROOT / "examples" / "gitlab" / ".gitlab-ci.yml"
+PROJECT_URL = "https://gitlab.example.com/acme/ml"
+JOB_TOKEN = "glcbt-JOBTOKEN-5e4d3c2b1a"  # what GitLab writes into the clone's `origin` URL
+ORIGIN = f"https://gitlab-ci-token:{JOB_TOKEN}@gitlab.example.com/acme/ml.git"
+
+pytestmark = pytest.mark.timeout(240)
+
+
+# --- tools and builds ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gitlab_ci_local() -> Path:
+    if not GCL.exists():
+        pytest.fail(f"{GCL.relative_to(ROOT)} is missing: run .ci/install-gitlab.sh")
+    if shutil.which("rsync") is None:
+        pytest.fail("rsync is missing (gitlab-ci-local copies the project with it): run .ci/install-gitlab.sh")
+    version = subprocess.run([str(GCL), "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
+    assert version == GCL_VERSION, f"gitlab-ci-local {version}; the tests pin {GCL_VERSION} (4.74+ crash on Node 20)"
+    return GCL
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """livesend built from this checkout. From a copy of it, so that builds never share a build/ folder."""
+    base = tmp_path_factory.mktemp("livesend-build")
+    src = base / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".ci", "node_modules", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache",
+        ".gitlab-ci-local", "dvclive", ".benchmarks", ".venv"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(base / "dist"), str(src)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    (built,) = (base / "dist").glob("livesend-*.whl")
+    return built
+
+
+@pytest.fixture
+def venv(tmp_path) -> Path:
+    """The job's Python: a venv that sees the system site-packages, with a `pip` that installs into it."""
+    path = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(path)],
+                   check=True, timeout=120)
+    pip = path / "bin" / "pip"
+    pip.write_text('#!/bin/sh\nexec "$(dirname "$0")/python" -m pip "$@"\n')
+    pip.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def remote_include():
+    """A loopback web server publishing gitlab/ (for `include: remote`)."""
+    handler = functools.partial(_QuietFiles, directory=str(ROOT / "gitlab"))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/livesend.gitlab-ci.yml"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+# --- a project and a pipeline run ---------------------------------------------------------------------
+
+
+def make_project(tmp_path: Path, pipeline: str, files: dict | None = None) -> Path:
+    """A Git repository as a GitLab job sees it, with the pipeline and a copy of the example training."""
+    path = tmp_path / "project"
+    path.mkdir()
+    git(path, "init", "-q", "-b", "main")
+    git(path, "config", "user.email", "t@example.com")
+    git(path, "config", "user.name", "t")
+    git(path, "remote", "add", "origin", ORIGIN)
+    (path / ".gitlab-ci.yml").write_text(pipeline)
+    shutil.copy(EXAMPLES / "train.py", path / "train.py")
+    (path / ".gitignore").write_text(".gitlab-ci-local/\n.gitlab-ci-local-variables.yml\n")
+    for name, text in (files or {}).items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "init")
+    git(path, "update-ref", "refs/remotes/origin/main", "HEAD")
+    git(path, "symbolic-ref", "refs/remotes/origin/HEAD", "refs/remotes/origin/main")
+    return path
+
+
+@dataclass
+class Pipeline:
+    returncode: int
+    output: str  # what gitlab-ci-local printed
+    logs: dict  # job name -> its log file (.gitlab-ci-local/output/<job>.log)
+    project: Path
+
+    @property
+    def everything(self) -> str:
+        return self.output + "".join(self.logs.values())
+
+    def artifact(self, job: str, name: str) -> Path:
+        return self.project / ".gitlab-ci-local" / "artifacts" / job / name
+
+
+def run_pipeline(gcl: Path, project: Path, venv: Path, variables: dict, token: str | None = TOKEN,
+                 overridden: tuple = ()) -> Pipeline:
+    """`gitlab-ci-local --force-shell-executor` in `project`. `variables` are project CI/CD variables
+    (a variables file); `overridden` names predefined variables among them that we set on purpose."""
+    (project / ".gitlab-ci-local-variables.yml").write_text(yaml.safe_dump(
+        # explicit `type: variable`: a bare value that is an existing path would become a file variable
+        {key: {"type": "variable", "values": {"*": str(value)}} for key, value in variables.items()}
+    ))
+    env = clean_env(
+        PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        GCL_IGNORE_PREDEFINED_VARS=",".join(("GITLAB_CI", *overridden)),
+    )
+    if token is not None:
+        env["STUDIO_TOKEN"] = token
+    home = project.parent / "gcl-home"
+    home.mkdir(exist_ok=True)
+    result = subprocess.run(
+        [str(gcl), "--force-shell-executor", "--no-color", "--home", str(home)],
+        cwd=project, env=env, capture_output=True, text=True, timeout=200, stdin=subprocess.DEVNULL,
+    )
+    outputs = project / ".gitlab-ci-local" / "output"
+    logs = {p.stem: p.read_text(errors="replace") for p in outputs.glob("*.log")} if outputs.exists() else {}
+    return Pipeline(result.returncode, result.stdout + result.stderr, logs, project)
+
+
+def job_variables(studio, wheel: Path, **more) -> dict:
+    return {"GITLAB_CI": "true", "STUDIO_ENDPOINT": studio.url, "LIVESEND_INSTALL": str(wheel),
+            "LIVESEND_INTERVAL": "0.2", **more}
+
+
+# --- checks -------------------------------------------------------------------------------------------
+
+
+def assert_no_secret(run: Pipeline, studio) -> None:
+    """Neither the Studio token nor the job token in the log, in any file the run wrote, or (the job
+    token) in anything sent to Studio."""
+    assert TOKEN not in run.everything
+    assert JOB_TOKEN not in run.everything
+    for path in run.project.rglob("*"):
+        if path.is_file() and ".git" not in path.relative_to(run.project).parts:
+            data = path.read_bytes()
+            assert TOKEN.encode() not in data, path
+    assert JOB_TOKEN not in repr([r.body for r in studio.received])
+
+
+def assert_streamed(studio, project: Path, name: str, baseline: str) -> None:
+    """start, data, done arrived, all valid, with GitLab's identity, and every DVCLive row once."""
+    assert studio.invalid == [], [r.error for r in studio.invalid]
+    bodies = studio.accepted
+    assert [b["type"] for b in bodies][0] == "start" and bodies[-1]["type"] == "done"
+    assert studio.count("start") == 1 and studio.count("done") == 1 and studio.count("data") >= 1
+    for body in bodies:
+        assert body["repo_url"] == PROJECT_URL
+        assert body["baseline_sha"] == baseline
+        assert body["name"] == name
+    assert all(r.headers.get("Authorization") == f"token {TOKEN}" for r in studio.received)
+    expected, got = disk_state(project / "dvclive", project), received_state(bodies)
+    assert got == expected
+
+
+def job_name(run: Pipeline, job: str = "train") -> str:
+    """The experiment name GitLab context gives: <job name slug>-<job id> (echoed by the test pipeline)."""
+    found = re.findall(r"experiment-name=(\S+)", run.logs[job])
+    assert found, run.output
+    return found[-1]
+
+
+def assert_sections(log: str) -> None:
+    """The collapsible sections (gitlab-ci-local shows a section as `<name>_started` ... `took`)."""
+    assert "livesend_install_started" in log and "livesend_install took" in log
+    assert "livesend_summary_started" in log and "livesend_summary took" in log
+
+
+def assert_artifacts(run: Pipeline, job: str = "train") -> None:
+    for name in ("dvclive/metrics.json", "dvclive/params.yaml", "dvc.yaml"):
+        kept = run.artifact(job, name)
+        assert kept.is_file(), f"{name} is not among the artifacts"
+        assert kept.read_bytes() == (run.project / name).read_bytes()
+
+
+HIDDEN_JOB = """\
+include:
+  - {include}
+
+train:
+  extends: .livesend
+  image: python:3.12
+  before_script:
+    - echo "experiment-name=$CI_JOB_NAME_SLUG-$CI_JOB_ID"
+  variables:
+    LIVESEND_RUN: {run}
+"""
+
+
+# --- the hidden job -----------------------------------------------------------------------------------
+
+
+def test_hidden_job_streams_a_real_training(gitlab_ci_local, wheel, venv, studio, tmp_path):
+    pipeline = HIDDEN_JOB.format(include="local: gitlab/livesend.gitlab-ci.yml",
+                                 run="python train.py --epochs 12 --image-every 4")
+    project = make_project(tmp_path, pipeline, {"gitlab/livesend.gitlab-ci.yml": TEMPLATE.read_text()})
+    run = run_pipeline(gitlab_ci_local, project, venv, job_variables(studio, wheel))
+    assert run.returncode == 0, run.output
+    assert "PASS  train" in run.output
+    log = run.logs["train"]
+    assert "trained 12 epochs" in log
+    assert_streamed(studio, project, job_name(run), git(project, "rev-parse", "HEAD"))
+    assert_sections(log)
+    assert "the training succeeded; the job exits with status 0." in log
+    assert f"repository {PROJECT_URL}" in log
+    assert "git add dvclive dvc.yaml" in log
+    assert "live metrics are off" not in log
+    assert_artifacts(run)
+    assert_no_secret(run, studio)
+
+
+def test_failed_training_fails_the_job_and_keeps_artifacts(gitlab_ci_local, wheel, venv, studio, tmp_path,
+                                                           remote_include):
+    """Through `include: remote` this time; the training exits 1, so the job does."""
+    pipeline = HIDDEN_JOB.format(include=f"remote: {remote_include}",
+                                 run="python train.py --epochs 6 --image-every 3 --exit-code 1")
+    project = make_project(tmp_path, pipeline)
+    run = run_pipeline(gitlab_ci_local, project, venv, job_variables(studio, wheel))
+    assert run.returncode != 0
+    assert "FAIL 1" in run.output and "FAIL  train" in run.output
+    log = run.logs["train"]
+    assert "trained 6 epochs" in log
+    assert "the training failed with exit status 1; the job exits with status 1." in log
+    assert_streamed(studio, project, job_name(run), git(project, "rev-parse", "HEAD"))
+    assert_artifacts(run)  # `when: always`
+    assert_no_secret(run, studio)
+
+
+def test_without_token_trains_with_one_warning(gitlab_ci_local, wheel, venv, studio, tmp_path):
+    """A merge request from a fork gets no masked variables: the training runs, nothing is sent."""
+    pipeline = HIDDEN_JOB.format(include="local: gitlab/livesend.gitlab-ci.yml", run="python train.py --epochs 4")
+    project = make_project(tmp_path, pipeline, {"gitlab/livesend.gitlab-ci.yml": TEMPLATE.read_text()})
+    run = run_pipeline(gitlab_ci_local, project, venv, job_variables(studio, wheel), token=None)
+    assert run.returncode == 0, run.output
+    log = run.logs["train"]
+    assert "trained 4 epochs" in log
+    assert log.count("live metrics are off") == 1
+    assert "livesend reported 1 warning(s) and 0 error(s) above." in log
+    assert studio.received == []
+    assert_artifacts(run)
+
+
+def test_empty_run_fails_with_a_clear_message(gitlab_ci_local, wheel, venv, studio, tmp_path):
+    pipeline = HIDDEN_JOB.format(include="local: gitlab/livesend.gitlab-ci.yml", run='""')
+    project = make_project(tmp_path, pipeline, {"gitlab/livesend.gitlab-ci.yml": TEMPLATE.read_text()})
+    run = run_pipeline(gitlab_ci_local, project, venv, job_variables(studio, wheel))
+    assert run.returncode != 0
+    assert "FAIL 2" in run.output
+    assert "livesend: error: LIVESEND_RUN is empty: set it in the job's variables to the training command" in run.logs["train"]
+    assert "livesend_install_started" not in run.logs["train"], "it stops before installing anything"
+    assert studio.received == []
+
+
+# --- the component ------------------------------------------------------------------------------------
+
+COMPONENT_PIPELINE = """\
+include:
+  - component: $CI_SERVER_FQDN/$CI_PROJECT_PATH/livesend@$CI_COMMIT_SHA
+    inputs:
+      job-name: train
+      run: {run}
+      install: {install}
+      interval: 0.2
+      message: component run
+
+train:
+  before_script:
+    - echo "experiment-name=$CI_JOB_NAME_SLUG-$CI_JOB_ID"
+"""
+
+
+@pytest.mark.parametrize("exit_code", [0, 1])
+def test_component_streams_a_real_training(gitlab_ci_local, wheel, venv, studio, tmp_path, exit_code):
+    """The self-test form GitLab documents: the project includes its own component at its HEAD."""
+    pipeline = COMPONENT_PIPELINE.format(
+        run=f"python train.py --epochs 8 --image-every 4 --exit-code {exit_code}", install=wheel)
+    project = make_project(tmp_path, pipeline, {"templates/livesend.yml": COMPONENT.read_text()})
+    variables = job_variables(studio, wheel)
+    del variables["LIVESEND_INSTALL"], variables["LIVESEND_INTERVAL"]  # inputs this time
+    run = run_pipeline(gitlab_ci_local, project, venv, variables)
+    log = run.logs["train"]
+    assert "trained 8 epochs" in log
+    if exit_code:
+        assert run.returncode != 0 and "FAIL 1" in run.output
+        assert "the training failed with exit status 1; the job exits with status 1." in log
+    else:
+        assert run.returncode == 0, run.output
+        assert "PASS  train" in run.output
+        assert "the training succeeded; the job exits with status 0." in log
+    assert_streamed(studio, project, job_name(run), git(project, "rev-parse", "HEAD"))
+    assert {b.get("message") for b in studio.accepted if b["type"] == "start"} == {"component run"}
+    assert_sections(log)
+    assert_artifacts(run)
+    assert_no_secret(run, studio)
+
+
+# --- the example pipeline -----------------------------------------------------------------------------
+
+
+def test_example_pipeline_in_a_merged_results_pipeline(gitlab_ci_local, wheel, venv, studio, tmp_path):
+    """examples/gitlab/.gitlab-ci.yml, its include pointed at this checkout, in a merge request pipeline
+    for merged results: Studio gets the source branch head as baseline, not GitLab's merge commit."""
+    example = yaml.safe_load(EXAMPLE.read_text())
+    assert example["include"][0]["project"]
+    example["include"] = [{"local": "gitlab/livesend.gitlab-ci.yml"}]
+    example["train"]["before_script"] = ['echo "experiment-name=$CI_JOB_NAME_SLUG-$CI_JOB_ID"']
+    example["train"]["variables"]["LIVESEND_RUN"] = "python train.py --epochs 10 --image-every 5"
+    project = make_project(tmp_path, yaml.safe_dump(example, sort_keys=False), {
+        "gitlab/livesend.gitlab-ci.yml": TEMPLATE.read_text(),
+        "requirements.txt": "numpy\ndvclive\npillow\n",
+    })
+    git(project, "checkout", "-q", "-b", "feature")
+    (project / "params.txt").write_text("lr=0.5\n")
+    git(project, "add", "params.txt")
+    git(project, "commit", "-q", "-m", "feature work")
+    source_sha = git(project, "rev-parse", "HEAD")
+    git(project, "checkout", "-q", "main")
+    git(project, "merge", "-q", "--no-ff", "-m", "merged result", "feature")
+    merge_sha = git(project, "rev-parse", "HEAD")
+    assert merge_sha != source_sha
+
+    run = run_pipeline(gitlab_ci_local, project, venv, job_variables(
+        studio, wheel, CI_PIPELINE_SOURCE="merge_request_event", CI_MERGE_REQUEST_EVENT_TYPE="merged_result",
+        CI_MERGE_REQUEST_SOURCE_BRANCH_SHA=source_sha), overridden=("CI_PIPELINE_SOURCE",))
+    assert run.returncode == 0, run.output
+    log = run.logs["train"]
+    assert "livesend: setup: pip install -r requirements.txt" in log
+    assert "trained 10 epochs" in log
+    assert_streamed(studio, project, job_name(run), source_sha)
+    assert_artifacts(run)
+    assert_no_secret(run, studio)
