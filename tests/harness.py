@@ -28,6 +28,7 @@ WRAPPER = (
     "sys.exit(status)\n"
 )
 TRAIN = [sys.executable, str(EXAMPLES / "train.py")]
+REMOTE_SECRET = "job-secret-123"  # in the `repo` fixture's origin URL
 
 
 @dataclass
@@ -121,10 +122,13 @@ def check(outcome: Outcome, studio, *, status: int = 0, flush_timeout: float = 3
 
 
 def assert_no_token(outcome: Outcome, studio) -> None:
+    """The Studio token, and the job token in the Git remote URL (the `repo` fixture's), appear nowhere."""
     for text in (outcome.stdout, outcome.stderr, json.dumps(outcome.record), json.dumps(outcome.report)):
         assert TOKEN not in text
+        assert REMOTE_SECRET not in text
     for received in studio.received:
         assert TOKEN not in json.dumps(received.body)
+        assert REMOTE_SECRET not in json.dumps(received.body)
     environ = outcome.repo / ".child-environ"
     if environ.exists():
         assert TOKEN.encode() not in environ.read_bytes()
