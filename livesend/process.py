@@ -16,7 +16,7 @@ import subprocess
 import sys
 from typing import Mapping, Optional
 
-from livesend.config import TOKEN_VARS
+from livesend.config import SECRET_VARS
 
 log = logging.getLogger("livesend")
 
@@ -34,7 +34,7 @@ def child_env(env: Mapping[str, str], token: Optional[str], exp_name: str) -> di
     DVCLive inside never posts twice) and DVC_EXP_NAME (so a saved experiment carries our name)."""
     out = {}
     for key, value in env.items():
-        if key in TOKEN_VARS or (token and token in value):
+        if key in SECRET_VARS or (token and token in value):
             continue
         out[key] = value
     out["DVC_STUDIO_OFFLINE"] = "true"
