@@ -120,6 +120,7 @@ class TsvTail:
         self.key = key
         self.warnings = warnings
         self.ino: Optional[int] = None
+        self._mark: Optional[tuple] = None  # (bytes just before the offset, (size, mtime) they were last seen at)
         self.offset = 0  # acknowledged byte offset (0: header not read yet)
         self.header: Optional[list] = None
         self.header_end = 0
@@ -127,11 +128,33 @@ class TsvTail:
         self._header_changes: list = []  # (offset after the new header line, new header)
 
     def is_replaced(self, st: os.stat_result) -> bool:
-        """True when the file was re-created or truncated below what was consumed (a fresh run)."""
-        return self.ino is not None and (st.st_ino != self.ino or st.st_size < self.offset)
+        """True when the file was re-created or truncated below what was consumed (a fresh run). A file
+        deleted and re-created often gets the same inode number back, and may have outgrown the offset
+        by the next look: so the bytes just before the offset must also still be the ones consumed."""
+        if self.ino is None:
+            return False
+        if st.st_ino != self.ino or st.st_size < self.offset:
+            return True
+        if self._mark is None or self._mark[1] == (st.st_size, st.st_mtime_ns):
+            return False
+        now = self._bytes_before(self.offset)
+        if now is None:
+            return False
+        if now != self._mark[0]:
+            return True
+        self._mark = (now, (st.st_size, st.st_mtime_ns))
+        return False
+
+    def _bytes_before(self, offset: int) -> Optional[bytes]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(max(0, offset - 64))
+                return f.read(min(64, offset))
+        except OSError:
+            return None
 
     def restart(self) -> None:
-        self.ino, self.offset, self.header, self.header_end = None, 0, None, 0
+        self.ino, self.offset, self.header, self.header_end, self._mark = None, 0, None, 0, None
         self._header_changes = []
 
     def read(self, budget: int = READ_BUDGET) -> Optional[TsvChunk]:
@@ -224,6 +247,9 @@ class TsvTail:
             pos += len(block)
 
     def ack(self, end: int, rows: int) -> None:
+        if end > self.offset:
+            mark = self._bytes_before(end)
+            self._mark = None if mark is None else (mark, None)
         self.offset = max(self.offset, end)
         self.rows_acked += rows
         while self._header_changes and self._header_changes[0][0] <= self.offset:

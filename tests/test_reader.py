@@ -266,6 +266,27 @@ def test_is_replaced_on_truncate_and_recreate(tmp_path):
     assert take(t2)[0] == {"step": "0", "m": "9"} and t2.header == ["step", "m"]
 
 
+def test_is_replaced_when_rewritten_in_place_beyond_the_offset(tmp_path):
+    """A fresh run deletes the TSVs; the new file often gets the old inode number back (ext4 does) and
+    may have outgrown what was consumed by the next look. Rewriting in place keeps the inode for sure."""
+    path = tmp_path / "m.tsv"
+    path.write_text("timestamp\tstep\tm\n" + "".join(f"17956738124{i:02d}\t{i}\t{i}\n" for i in range(3)))
+    t = tail(path)
+    take(t)
+    ino = path.stat().st_ino
+    for i in range(3, 6):  # appends are not a replacement, however often looked at
+        append(path, f"17956738124{i:02d}\t{i}\t{i}\n")
+        assert not t.is_replaced(path.stat())
+        take(t)
+        assert not t.is_replaced(path.stat())
+    with open(path, "w") as f:  # truncate + rewrite: same inode, more bytes than were consumed
+        f.write("timestamp\tstep\tm\n" + "".join(f"18000000000{i:02d}\t{i}\t{i * 2}\n" for i in range(20)))
+    assert path.stat().st_ino == ino and path.stat().st_size > t.offset
+    assert t.is_replaced(path.stat())
+    t.restart()
+    assert take(t)[0] == {"timestamp": "1800000000000", "step": "0", "m": "0"}
+
+
 def test_pending_rows(tmp_path):
     path = tmp_path / "m.tsv"
     path.write_text("")
