@@ -10,9 +10,10 @@ inputs in the environment (see action.yml). What it adds to `livesend run`, whic
   their output (stdout and stderr on one pipe, so in order) inside `::stop-commands::<random>`, so
   a training log cannot issue workflow commands;
 - livesend's warnings and errors (from `--report-json`) as annotations, after that block;
-- PID 1 duties: SIGINT/SIGTERM go to the command's process group, then SIGTERM after 1 s and SIGKILL
-  after 2 s if it is still running; livesend then flushes (4 s by default) and sends `done`; the
-  step ends within 7 s of the first signal (the runner kills the container 7.5 + 2.5 s after it);
+- PID 1 duties: SIGINT/SIGTERM go to the command's process group, then SIGTERM after 1.5 s and
+  SIGKILL after 2.5 s if it is still running; livesend then flushes (3 s by default) and sends
+  `done`; livesend itself is killed 6 s after the first signal if it has not ended, so the step ends
+  within 7 s (the runner signals the container 7.5 s after SIGINT and kills it 2.5 s later);
 - what was created as root in the workspace is given back to the workspace's owner;
 - the job summary, the step outputs, and the exit status (the command's; 3 with `strict`).
 
@@ -33,10 +34,10 @@ import tempfile
 import time
 from typing import Optional
 
-FLUSH_TIMEOUT = "4"  # seconds: a cancelled step must end within 7.5 s of SIGINT
-TERM_AFTER = 1.0  # seconds after the first signal: SIGTERM to the command if it still runs
-KILL_AFTER = 2.0  # ... SIGKILL to the command's process group
-GIVE_UP_AFTER = 6.5  # ... SIGKILL to livesend itself, so the step ends within 7 s
+FLUSH_TIMEOUT = "3"  # seconds: a cancelled step must end within 7.5 s of SIGINT
+TERM_AFTER = 1.5  # seconds after the first signal: SIGTERM to the command if it still runs
+KILL_AFTER = 2.5  # ... SIGKILL to the command's process group
+GIVE_UP_AFTER = 6.0  # ... SIGKILL to livesend itself, so the step ends within 7 s
 SUMMARY_LIMIT = 900_000  # bytes; GitHub refuses a step summary over 1 MiB
 MAX_ANNOTATIONS = 10  # GitHub shows at most 10 warnings and 10 errors per step
 INPUT_PREFIX = "LIVESEND_ACTION_"
@@ -424,7 +425,12 @@ def outputs(status: int, report: Optional[dict]) -> str:
 def annotate_problems(report: Optional[dict]) -> None:
     seen = set()
     counts = {"warning": 0, "error": 0}
-    for problem in (report or {}).get("problems") or []:
+    problems = list((report or {}).get("problems") or [])
+    for exp in (report or {}).get("experiments") or []:
+        if exp.get("started") and not exp.get("done") and not any("`done`" in str(p.get("message")) for p in problems):
+            problems.append({"level": "error", "message": f"Studio was not told that experiment {exp.get('name')} "
+                                                          "ended (`done` was not delivered): it may show it as running"})
+    for problem in problems:
         level = "error" if problem.get("level") == "error" else "warning"
         message = str(problem.get("message", "")).strip()
         if not message or (level, message) in seen or counts[level] >= MAX_ANNOTATIONS:
