@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 GITLAB_CI_LOCAL_VERSION=4.73.0
 CHECK_JSONSCHEMA_VERSION=0.39.0
-export DEBIAN_FRONTEND=noninteractive
+export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
 if ! command -v rsync >/dev/null 2>&1; then
   apt-get update -qq

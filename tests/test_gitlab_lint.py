@@ -19,6 +19,7 @@ import livesend
 TEMPLATE = ROOT / "gitlab" / "livesend.gitlab-ci.yml"
 COMPONENT = ROOT / "templates" / "livesend.yml"
 EXAMPLE = ROOT / "examples" / "gitlab" / ".gitlab-ci.yml"
+DOCS = ROOT / "docs" / "gitlab.md"
 COMPONENT_JOB = "$[[ inputs.job-name ]]"
 
 
@@ -120,6 +121,11 @@ def test_default_version_matches_the_package():
     assert re.findall(r"\$\{LIVESEND_INSTALL:-livesend==([^}]+)\}", COMPONENT.read_text()) == [version]
     example = yaml.safe_load(EXAMPLE.read_text())
     assert example["include"][0]["ref"] == f"v{version}"
+    # every version named in the files and the docs: pins, refs, raw URLs, component references
+    pattern = re.compile(r"livesend==(\d[\w.+-]*\w)|ref: v(\d[\w.]*\w)|/raw/v(\d[\w.]*\w)/|/livesend@v?(\d[\w.]*\w)")
+    for path in (TEMPLATE, COMPONENT, EXAMPLE, DOCS):
+        found = {next(g for g in m.groups() if g) for m in pattern.finditer(path.read_text())}
+        assert found == {version}, f"{path.relative_to(ROOT)} names {found}, the package is {version}"
 
 
 @pytest.mark.parametrize("path", [TEMPLATE, COMPONENT, EXAMPLE], ids=lambda p: p.name)
