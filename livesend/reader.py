@@ -298,23 +298,36 @@ def parse_yaml(text: str) -> Any:
 class Document:
     """The last good parsed value of a file that DVCLive rewrites in place (metrics.json, params.yaml)."""
 
-    def __init__(self, path: str, key: str, parse: Callable[[str], Any], warnings: Warnings) -> None:
+    def __init__(
+        self, path: str, key: str, parse: Callable[[str], Any], warnings: Warnings, tree_root: Optional[str] = None
+    ) -> None:
         self.path, self.key, self.parse, self.warnings = path, key, parse, warnings
+        self.tree_root = tree_root  # a link leading out of it is not read (without one: out of the file's directory)
         self.value: Any = None
         self.stamp: Optional[Stamp] = None
         self.exists = False
 
+    def _real_path(self) -> Optional[str]:
+        real = os.path.realpath(self.path)
+        directory = os.path.dirname(self.path)
+        root = allowed_root(directory, self.tree_root) if self.tree_root else os.path.realpath(directory)
+        if root is not None and inside(real, root):
+            return real
+        self.warnings.once(("link", self.path), "%s links outside the working tree; not uploading it", self.key)
+        return None
+
     def poll(self) -> bool:
         """Re-read when the file changed; True when a new good value was taken."""
         st = _stat(self.path)
-        self.exists = st is not None and stat_mod.S_ISREG(st.st_mode)
+        real = self._real_path() if st is not None else None
+        self.exists = real is not None and stat_mod.S_ISREG(st.st_mode)
         if not self.exists:
             return False
         stamp = Stamp.of(st)
         if stamp == self.stamp:
             return False
         try:
-            with open(self.path, "rb") as f:
+            with open(real, "rb") as f:
                 raw = f.read()
                 after = Stamp.of(os.fstat(f.fileno()))
         except OSError as exc:
@@ -409,6 +422,17 @@ def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def allowed_root(live_dir: str, tree_root: str) -> Optional[str]:
+    """What links under `live_dir` may lead into: the working tree; or, for a directory named outside the
+    tree on purpose (--dir /scratch/x), that directory; None when `live_dir` itself is a link out of the tree."""
+    real_live = os.path.realpath(live_dir)
+    if inside(real_live, tree_root):
+        return tree_root
+    if inside(os.path.abspath(live_dir), tree_root):
+        return None
+    return real_live
+
+
 def scan(live_dir: str, live_key: str, tree_root: str, warnings: Warnings) -> Listing:
     """List TSVs under plots/metrics and images under plots/images. Symlinks that leave `tree_root`
     (the working tree) are never followed or read."""
@@ -421,13 +445,10 @@ def scan(live_dir: str, live_key: str, tree_root: str, warnings: Warnings) -> Li
         return listing
     listing.is_dir = True
     prefix = live_key + "/" if live_key not in ("", ".") else ""
-    real_live = os.path.realpath(live_dir)
-    root = tree_root
-    if not inside(real_live, tree_root):
-        if inside(os.path.abspath(live_dir), tree_root):  # the directory in the tree is a link out of it
-            warnings.once(("link", live_dir), "%s links outside the working tree; not uploading its plots", live_key)
-            return listing
-        root = real_live  # --dir names a directory outside the tree: only its own files
+    root = allowed_root(live_dir, tree_root)
+    if root is None:  # the directory in the tree is a link out of it
+        warnings.once(("link", live_dir), "%s links outside the working tree; not uploading its plots", live_key)
+        return listing
     _walk(os.path.join(live_dir, "plots", "metrics"), prefix + "plots/metrics", TSV_SUFFIXES, listing.tsvs, root, warnings)
     _walk(os.path.join(live_dir, "plots", "images"), prefix + "plots/images", IMAGE_SUFFIXES, listing.images, root, warnings)
     return listing

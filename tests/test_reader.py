@@ -412,6 +412,33 @@ def test_a_directory_is_not_a_document(tmp_path):
     assert d.poll() is False and not d.exists
 
 
+def test_a_document_linked_outside_the_tree_is_not_read(tmp_path, caplog):
+    tree, outside = tmp_path / "repo", tmp_path / "home"
+    (tree / "dvclive").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "config.json").write_text('{"auths": {"registry": {"auth": "c2VjcmV0"}}}\n')
+    (tree / "dvclive" / "params.yaml").symlink_to(outside / "config.json")  # JSON is YAML too
+    (tree / "shared.yaml").write_text("lr: 0.1\n")
+    (tree / "dvclive" / "metrics.json").symlink_to("../shared.yaml")
+    w = Warnings()
+    leaked = Document(str(tree / "dvclive" / "params.yaml"), "dvclive/params.yaml", reader.parse_yaml, w, str(tree))
+    for _ in range(2):
+        assert leaked.poll() is False and leaked.value is None and not leaked.exists
+    assert len([m for m in warnings_of(caplog) if "outside the working tree" in m]) == 1
+    linked = Document(str(tree / "dvclive" / "metrics.json"), "m", reader.parse_yaml, w, str(tree))
+    assert linked.poll() is True and linked.value == {"lr": 0.1}  # a link inside the tree is followed
+    # without a tree root, a document may not lead out of its own directory
+    assert Document(str(tree / "dvclive" / "params.yaml"), "p", reader.parse_yaml, w).poll() is False
+    assert Document(str(tree / "dvclive" / "metrics.json"), "m", reader.parse_yaml, w).poll() is False
+    (tmp_path / "link").symlink_to(outside)  # the whole directory a link out of the tree
+    real_file = outside / "metrics.json"
+    real_file.write_text('{"a": 1}\n')
+    (tree / "out").symlink_to(outside)
+    assert Document(str(tree / "out" / "metrics.json"), "m", reader.parse_json, w, str(tree)).poll() is False
+    # a directory named outside the tree on purpose (--dir /scratch/dvclive) is read
+    assert Document(str(tmp_path / "link" / "metrics.json"), "m", reader.parse_json, w, str(tree)).poll() is True
+
+
 @pytest.mark.parametrize(
     "parse, text, expected",
     [
