@@ -74,9 +74,10 @@ class _Columns:
         return step, number(row[self.value])
 
 
-def _readline(f) -> Optional[bytes]:
+def _readline(f, skip_long: bool = True) -> Optional[bytes]:
     """The next complete line (with its newline), b"" at the end, None for a line over MAX_LINE
-    (skipped). A last line without a newline is torn (still being written): treated as the end."""
+    (skipped to its end when `skip_long`, else left where it is: a sample never scans on).
+    A last line without a newline is torn (still being written): treated as the end."""
     line = f.readline(MAX_LINE)
     if not line:
         return b""
@@ -84,6 +85,8 @@ def _readline(f) -> Optional[bytes]:
         return line
     if len(line) < MAX_LINE:
         return b""  # torn last line
+    if not skip_long:
+        return None
     while True:  # skip the rest of an overlong line
         rest = f.readline(MAX_LINE)
         if not rest:
@@ -97,7 +100,7 @@ def read_series(path: str, name: str, max_points: int = MAX_POINTS, stream_limit
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            header_line = _readline(f)
+            header_line = _readline(f, skip_long=False)
             if not header_line:
                 return None
             columns = _Columns(split_line(header_line.rstrip(b"\n")))
@@ -142,9 +145,13 @@ def _sample(f, size: int, columns: _Columns, name: str, max_points: int) -> Seri
     for i in range(max_points):
         offset = start + span * i // max_points
         f.seek(offset)
-        if offset > start and _readline(f) == b"":  # the rest of a line cut by the seek
-            break
-        line = _readline(f)
+        if offset > start:  # the rest of the line the seek landed in
+            rest = _readline(f, skip_long=False)
+            if rest == b"":
+                break
+            if rest is None:
+                continue
+        line = _readline(f, skip_long=False)
         if not line:
             continue
         lengths.append(len(line))

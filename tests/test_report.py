@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -276,6 +277,23 @@ def test_history_samples_a_large_file_by_seeking_with_bounded_memory(tmp_path):
     assert s.last_step == n - 1 and s.last == pytest.approx((n - 1) / n, abs=1e-6)
     assert abs(s.rows - n) / n < 0.01
     assert s.steps == sorted(s.steps) and s.steps[0] == 0
+
+
+def test_history_of_a_sparse_1_gib_tsv_is_quick_and_small(tmp_path):
+    """Mostly a hole of NUL bytes without a newline: no sample may scan on through it."""
+    path = tmp_path / "huge.tsv"
+    with path.open("wb") as f:
+        f.write(b"step\tloss\n" + b"".join(b"%d\t%f\n" % (i, 1 / (i + 1)) for i in range(1000)))
+        f.seek(1 << 30)
+        f.write(b"\n999999\t0.5\n")
+    tracemalloc.start()
+    started = time.monotonic()
+    s = history.read_series(str(path), "loss")
+    elapsed = time.monotonic() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert elapsed < 5 and peak < 2_000_000, (elapsed, peak)
+    assert s.sampled and s.last_step == 999999 and s.last == 0.5 and s.steps[0] == 0
 
 
 def test_history_skips_overlong_lines_and_odd_rows(tmp_path):
