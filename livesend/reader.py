@@ -126,6 +126,7 @@ class TsvTail:
         self.header_end = 0
         self.rows_acked = 0
         self._header_changes: list = []  # (offset after the new header line, new header)
+        self._long_line = (-1, 0)  # (line start, how far its end was searched for)
 
     def is_replaced(self, st: os.stat_result) -> bool:
         """True when the file was re-created or truncated below what was consumed (a fresh run). A file
@@ -156,6 +157,7 @@ class TsvTail:
     def restart(self) -> None:
         self.ino, self.offset, self.header, self.header_end, self._mark = None, 0, None, 0, None
         self._header_changes = []
+        self._long_line = (-1, 0)
 
     def read(self, budget: int = READ_BUDGET) -> Optional[TsvChunk]:
         try:
@@ -236,10 +238,14 @@ class TsvTail:
     def _skip_long_line(self, f, pos: int) -> Optional[int]:
         """Find the end of an over-long line without holding it; None while it is still incomplete."""
         self.warnings.once(("long", self.path), "a line of %s is over %d bytes; it is cut", self.key, MAX_LINE)
+        start, searched = self._long_line
+        if start == self.offset and searched > pos:
+            pos = searched  # resume where the last search for its end stopped: never rescan
         f.seek(pos)
         while True:
             block = f.read(1 << 20)
             if not block:
+                self._long_line = (self.offset, pos)
                 return None
             i = block.find(b"\n")
             if i >= 0:

@@ -126,8 +126,10 @@ class Session(threading.Thread):
         self.warnings = Warnings()
         self.experiments: list[Experiment] = []
         self.exp = self._new_experiment()
-        self.metrics_doc = Document(os.path.join(self.live_dir, "metrics.json"), self._key("metrics.json"), reader.parse_json, self.warnings)
-        self.params_doc = Document(os.path.join(self.live_dir, "params.yaml"), self._key("params.yaml"), reader.parse_yaml, self.warnings)
+        self.metrics_doc = Document(os.path.join(self.live_dir, "metrics.json"), self._key("metrics.json"),
+                                    reader.parse_json, self.warnings, ctx.tree_root)
+        self.params_doc = Document(os.path.join(self.live_dir, "params.yaml"), self._key("params.yaml"),
+                                   reader.parse_yaml, self.warnings, ctx.tree_root)
         self.wake = threading.Event()
         self.ended = threading.Event()
         self.stop_watch = threading.Event()

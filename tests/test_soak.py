@@ -12,6 +12,7 @@ import time
 
 import harness
 import psutil
+import pytest
 
 STEPS = int(os.environ.get("LIVESEND_SOAK_STEPS", "200000"))
 
@@ -29,6 +30,7 @@ with Live(save_dvc_exp=False) as live:
 """
 
 
+@pytest.mark.timeout(900)
 def test_soak_memory_flat_no_fd_growth_nothing_lost(studio, repo):
     (repo / "soak.py").write_text(PRODUCER)
     proc = harness.start(repo, studio.url, [sys.executable, "soak.py", str(STEPS)], "--interval", "1",
