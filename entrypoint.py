@@ -4,22 +4,24 @@
 The runner starts it as PID 1 of the action's container, as root, in /github/workspace, with the
 inputs in the environment (see action.yml). What it adds to `livesend run`, which does the real work:
 
-- `::add-mask::` for the token before anything else is printed;
+- `::add-mask::` for the tokens before anything else is printed;
 - `git config --global --add safe.directory` for the workspace (owned by the runner's user, not root);
 - `install`, then `livesend run -- bash -e -o pipefail -c RUN`, each in a process group of its own,
   their output (stdout and stderr on one pipe, so in order) inside `::stop-commands::<random>`, so
   a training log cannot issue workflow commands;
 - livesend's warnings and errors (from `--report-json`) as annotations, after that block;
-- PID 1 duties: SIGINT/SIGTERM go to the command's process group, then SIGTERM after 1.5 s and
-  SIGKILL after 2.5 s if it is still running; livesend then flushes (3 s by default) and sends
-  `done`; livesend itself is killed 6 s after the first signal if it has not ended, so the step ends
-  within 7 s (the runner signals the container 7.5 s after SIGINT and kills it 2.5 s later);
+- PID 1 duties: the first SIGINT/SIGTERM goes to livesend, which passes it to the command's process
+  group and reports the run as cancelled; SIGTERM after 1.5 s and SIGKILL after 2.5 s go to that
+  group directly if it still runs; livesend then flushes (3 s by default) and sends `done`; it is
+  killed 6 s after the first signal if it has not ended, so the step ends within 7 s (the runner
+  signals the container 7.5 s after SIGINT and kills it 2.5 s later);
 - what was created as root in the workspace is given back to the workspace's owner;
-- the job summary, the step outputs, and the exit status (the command's; 3 with `strict`).
+- the step outputs and the exit status (the command's; 3 with `strict`). livesend writes the job
+  summary itself; this writes one only when livesend could not (bad input, failed `install`).
 
 livesend runs as a child process, not in this process: then this supervisor can always close the
-stop-commands block, write the summary and outputs, and give files back, whatever happens to
-livesend, and keep the cancellation deadline (killing livesend as a last resort).
+stop-commands block, write the outputs and give files back, whatever happens to livesend, and keep
+the cancellation deadline (killing livesend as a last resort).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +41,6 @@ FLUSH_TIMEOUT = "3"  # seconds: a cancelled step must end within 7.5 s of SIGINT
 TERM_AFTER = 1.5  # seconds after the first signal: SIGTERM to the command if it still runs
 KILL_AFTER = 2.5  # ... SIGKILL to the command's process group
 GIVE_UP_AFTER = 6.0  # ... SIGKILL to livesend itself, so the step ends within 7 s
-SUMMARY_LIMIT = 900_000  # bytes; GitHub refuses a step summary over 1 MiB
 MAX_ANNOTATIONS = 10  # GitHub shows at most 10 warnings and 10 errors per step
 INPUT_PREFIX = "LIVESEND_ACTION_"
 
@@ -91,6 +93,11 @@ def studio_token(env: dict) -> str:
             or env.get("DVC_STUDIO_TOKEN", "").strip())
 
 
+def secret_values(env: dict) -> list:
+    """What must be masked: the Studio token and the GitHub token (for `comment`)."""
+    return [v for v in (studio_token(env), action_input(env, "github-token").strip()) if v]
+
+
 class Inputs:
     def __init__(self, env: dict) -> None:
         self.run = action_input(env, "run").strip()
@@ -107,6 +114,8 @@ class Inputs:
         self.flush_timeout = action_input(env, "flush-timeout").strip() or FLUSH_TIMEOUT
         self.strict = parse_bool(action_input(env, "strict", "false"), "strict")
         self.dry_run = parse_bool(action_input(env, "dry-run", "false"), "dry-run")
+        self.comment = parse_bool(action_input(env, "comment", "false"), "comment")
+        self.github_token = action_input(env, "github-token").strip()
 
     def livesend_args(self, report_json: str, debug: bool) -> list:
         args = ["run", "--report-json", report_json, "--flush-timeout", self.flush_timeout]
@@ -120,18 +129,23 @@ class Inputs:
             args.append("--strict")
         if self.dry_run:
             args.append("--dry-run")
+        if self.comment:
+            args.append("--comment")
         if debug:
             args.append("--verbose")
         return args + ["--", "bash", "-e", "-o", "pipefail", "-c", self.run]
 
 
-def child_environment(env: dict, token: str) -> dict:
-    """The environment of `install` and of livesend: no input variables, nothing holding the token."""
+SECRET_VARS = ("STUDIO_TOKEN", "DVC_STUDIO_TOKEN", "GITHUB_TOKEN", "LIVESEND_GITHUB_TOKEN", "LIVESEND_GITLAB_TOKEN")
+
+
+def child_environment(env: dict, secret: list) -> dict:
+    """The environment of `install` and of livesend: no input variables, nothing holding a token."""
     out = {}
     for key, value in env.items():
-        if key.startswith(("INPUT_", INPUT_PREFIX)) or key in ("STUDIO_TOKEN", "DVC_STUDIO_TOKEN"):
+        if key.startswith(("INPUT_", INPUT_PREFIX)) or key in SECRET_VARS:
             continue
-        if token and token in value:
+        if any(s in value for s in secret):
             continue
         out[key] = value
     return out
@@ -237,6 +251,7 @@ class Supervisor:
         self.pending: list = []
         self.escalated: set = set()
         self.killed_livesend = False
+        self.via: Optional[int] = None
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._handle)
 
@@ -257,6 +272,7 @@ class Supervisor:
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                 process_group=0)
         command = None if command_is_child else proc.pid
+        self.via = proc.pid if command_is_child else None
         while True:
             try:
                 return proc.wait(timeout=0.05)
@@ -272,8 +288,18 @@ class Supervisor:
             return
         alive = command is not None and group_alive(command)
         if alive:
+            # The signal goes to livesend, which passes it on to the command and reports the run as
+            # cancelled, only while the command runs: livesend, flushing after it, has its default
+            # handlers back. `install` has no livesend: its group gets the signal.
             while self.pending:
-                self._kill(command, self.pending.pop(0))
+                signum = self.pending.pop(0)
+                if self.via is not None:
+                    try:
+                        os.kill(self.via, signum)
+                    except OSError:
+                        pass
+                else:
+                    self._kill(command, signum)
         elapsed = time.monotonic() - self.first_signal
         if alive and elapsed >= TERM_AFTER and "term" not in self.escalated:
             self.escalated.add("term")
@@ -308,97 +334,10 @@ def read_report(path: str) -> Optional[dict]:
         return None
 
 
-def flatten(value, prefix: str = "") -> list:
-    if isinstance(value, dict):
-        out = []
-        for key, item in value.items():
-            out += flatten(item, f"{prefix}/{key}" if prefix else str(key))
-        return out
-    return [(prefix, value)]
-
-
-def cell(value) -> str:
-    if isinstance(value, bool) or value is None:
-        text = json.dumps(value)
-    elif isinstance(value, float):
-        text = format(value, ".6g")
-    elif isinstance(value, (int, str)):
-        text = str(value)
-    else:
-        text = json.dumps(value)
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
-
-
-def table(rows: list, header: tuple) -> list:
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    shown = rows[:200]
-    lines += [f"| {cell(k)} | {cell(v)} |" for k, v in shown]
-    if len(rows) > len(shown):
-        lines.append(f"| ... | {len(rows) - len(shown)} more |")
-    return lines
-
-
-def status_line(status: int, cancelled: bool) -> str:
-    if cancelled:
-        return f"The step was cancelled; the command ended with exit status {status}."
-    if status == 0:
-        return "The command succeeded."
-    if status > 128:
-        return f"The command was killed by signal {status - 128}."
-    return f"The command failed with exit status {status}."
-
-
-def summary(status: int, report: Optional[dict], inputs: Inputs, cancelled: bool, note: str) -> str:
-    name = (report or {}).get("name") or inputs.name or "(no experiment)"
-    lines = [f"## livesend: `{cell(name)}`", "", status_line(status, cancelled)]
-    if note:
-        lines += ["", note]
-    if report is None:
-        return "\n".join(lines) + "\n"
-    host = report.get("endpoint_host") or "Studio"
-    experiments = report.get("experiments") or []
-    lines.append("")
-    if report.get("dry_run"):
-        lines.append(f"Dry run: {report.get('events_sent', 0)} data events printed, nothing sent.")
-    elif not report.get("live"):
-        lines.append("Live metrics were off: no Studio token (normal on pull requests from forks).")
-    elif not any(e.get("started") for e in experiments):
-        lines.append(f"No DVCLive output was found, so nothing was sent to {host}.")
-    else:
-        lines.append(f"{report.get('events_sent', 0)} data events sent to {host}.")
-    lines.append(f"Baseline commit: `{cell(report.get('baseline_sha') or '')}`.")
-    for exp in experiments:
-        if not exp.get("started") and not exp.get("metrics"):
-            continue
-        done = "marked done" if exp.get("done") else "**not** marked done"
-        lines += ["", f"### Experiment `{cell(exp.get('name'))}`", "",
-                  f"{exp.get('data_events', 0)} data events, {exp.get('rows', 0)} plot rows, "
-                  f"{exp.get('images', 0)} images; {done}."]
-        if exp.get("undelivered"):
-            lines.append(f"Not delivered: {cell(exp['undelivered'])}.")
-        metrics = flatten(exp.get("metrics") or {})
-        if metrics:
-            lines += ["", f"Final metrics (step {exp.get('step', 0)}):", ""] + table(metrics, ("metric", "value"))
-        params = flatten(exp.get("params") or {})
-        if params:
-            lines += ["", "<details><summary>Params</summary>", ""] + table(params, ("param", "value")) + ["", "</details>"]
-    commands = report.get("commands") or []
-    uncommitted = report.get("uncommitted") or []
-    if commands and (uncommitted or any(e.get("started") for e in experiments)):
-        lines += ["", "### Keep the results",
-                  "", "Studio shows live metrics only while the experiment runs. Commit the DVCLive output "
-                  "to keep them, in a later step of this job or from a clone with these files:", "", "```sh"]
-        lines += commands + ["```"]
-        if uncommitted:
-            shown = ", ".join(f"`{cell(p)}`" for p in uncommitted[:20])
-            lines.append(f"Not committed yet: {shown}{', ...' if len(uncommitted) > 20 else ''}")
-    problems = report.get("problems") or []
-    if problems:
-        lines += ["", "### Problems", ""] + [f"- {p.get('level')}: {cell(p.get('message', ''))}" for p in problems[:50]]
-    text = "\n".join(lines) + "\n"
-    if len(text.encode()) > SUMMARY_LIMIT:
-        text = text.encode()[:SUMMARY_LIMIT].decode("utf-8", "ignore") + "\n\n(cut: over the summary size limit)\n"
-    return text
+def fallback_summary(status: int, cancelled: bool, what: str) -> str:
+    """The job summary when livesend wrote none (it did not run, or did not finish)."""
+    outcome = "cancelled" if cancelled else ("failed" if status else "succeeded")
+    return f"### livesend: the step {outcome} (exit status {status})\n\n{what}\n"
 
 
 def append(path: Optional[str], text: str) -> None:
@@ -443,7 +382,7 @@ def annotate_problems(report: Optional[dict]) -> None:
 # --- main --------------------------------------------------------------------------------------------
 
 
-def validate(inputs: Inputs, args: list, env: dict) -> Optional[str]:
+def validate(args: list, env: dict) -> Optional[str]:
     """livesend's own checks of its options (the same code `livesend run` runs), before anything runs."""
     from livesend.cli import make_parser
     from livesend.config import ConfigError, build
@@ -460,44 +399,42 @@ def validate(inputs: Inputs, args: list, env: dict) -> Optional[str]:
 def main() -> int:
     env = dict(os.environ)
     supervisor = Supervisor()
-    for line in studio_token(env).splitlines():  # before anything else is printed
-        say(f"::add-mask::{escape_data(line)}")
+    secret = secret_values(env)
+    for value in secret:  # before anything else is printed
+        for line in value.splitlines():
+            say(f"::add-mask::{escape_data(line)}")
+    workspace = env.get("GITHUB_WORKSPACE") or os.getcwd()
     try:
         inputs = Inputs(env)
+        if not inputs.run:
+            raise ValueError("the `run` input is required: the training command, e.g. `python train.py`")
+        workdir = os.path.normpath(os.path.join(workspace, inputs.working_directory))
+        if not os.path.isdir(workdir):
+            raise ValueError(f"the working-directory {inputs.working_directory!r} does not exist in the workspace")
     except ValueError as exc:
         annotate("error", str(exc))
-        return 2
-    if not inputs.run:
-        annotate("error", "the `run` input is required: the training command, e.g. `python train.py`")
-        return 2
+        return finish(2, None, supervisor, workspace, env, f"Nothing ran: {exc}.")
 
-    workspace = env.get("GITHUB_WORKSPACE") or os.getcwd()
-    workdir = os.path.normpath(os.path.join(workspace, inputs.working_directory))
-    if not os.path.isdir(workdir):
-        annotate("error", f"the working-directory {inputs.working_directory!r} does not exist in the workspace")
-        return 2
-    base_env = child_environment(env, inputs.token)
+    base_env = child_environment(env, secret)
     trust_directories([os.path.realpath(p) for p in (workspace, git_top(workdir, workspace) or workspace)], base_env)
-
     report_dir = tempfile.mkdtemp(prefix="livesend-action-")
     report_path = os.path.join(report_dir, "report.json")
     args = inputs.livesend_args(report_path, env.get("RUNNER_DEBUG") == "1")
     livesend_env = dict(base_env)
     if inputs.token:
         livesend_env["STUDIO_TOKEN"] = inputs.token
-    problem = validate(inputs, args, livesend_env)
+    if inputs.comment and inputs.github_token:
+        livesend_env["LIVESEND_GITHUB_TOKEN"] = inputs.github_token
+    problem = validate(args, livesend_env)
     if problem:
         annotate("error", problem)
-        return finish(2, None, inputs, supervisor, workspace, env, "")
+        return finish(2, None, supervisor, workspace, env, f"Nothing ran: {problem}.")
 
-    note = ""
-    status = 0
     if inputs.install:
-        title = inputs.install.splitlines()[0]
-        say(f"::group::install: {escape_data(title)}")
+        say(f"::group::install: {escape_data(inputs.install.splitlines()[0])}")
         end = stop_commands()
-        status = exit_status(supervisor.run(["bash", "-e", "-o", "pipefail", "-c", inputs.install], workdir, base_env,
-                                            command_is_child=False))
+        status = exit_status(supervisor.run(["bash", "-e", "-o", "pipefail", "-c", inputs.install], workdir,
+                                            base_env, command_is_child=False))
         say(f"::{end}::")
         say("::endgroup::")
         if status == 0 and supervisor.cancelled:
@@ -505,28 +442,25 @@ def main() -> int:
         if status != 0:
             what = "was cancelled" if supervisor.cancelled else f"failed with exit status {status}"
             annotate("error", f"the install command {what}; the training did not run")
-            return finish(status, None, inputs, supervisor, workspace, env,
+            return finish(status, None, supervisor, workspace, env,
                           f"The `install` command {what}, so the training did not run.")
-    report = None
-    if not supervisor.cancelled:
-        end = stop_commands()
-        status = exit_status(supervisor.run([sys.executable, "-m", "livesend", *args], workdir, livesend_env,
-                                            command_is_child=True))
-        say(f"::{end}::")
-        report = read_report(report_path)
-        annotate_problems(report)
-        if supervisor.killed_livesend:
-            note = "livesend was stopped before it finished: Studio may show the experiment as still running."
-            annotate("error", "livesend did not finish within the cancellation grace period; "
-                              "Studio may show the experiment as still running")
-        elif report is None:
-            annotate("error", f"livesend ended without a report (exit status {status}); see the log above")
-    try:
-        os.remove(report_path)
-        os.rmdir(report_dir)
-    except OSError:
-        pass
-    return finish(status, report, inputs, supervisor, workspace, env, note)
+
+    end = stop_commands()
+    status = exit_status(supervisor.run([sys.executable, "-m", "livesend", *args], workdir, livesend_env,
+                                        command_is_child=True))
+    say(f"::{end}::")
+    report = read_report(report_path)
+    shutil.rmtree(report_dir, ignore_errors=True)
+    annotate_problems(report)
+    what = ""
+    if supervisor.killed_livesend:
+        what = ("livesend did not finish within the cancellation grace period and was stopped: Studio may "
+                "show the experiment as still running.")
+        annotate("error", what)
+    elif report is None:
+        what = f"livesend ended without a report (exit status {status}): see the step's log."
+        annotate("error", what)
+    return finish(status, report, supervisor, workspace, env, what)
 
 
 def stop_commands() -> str:
@@ -535,10 +469,10 @@ def stop_commands() -> str:
     return token
 
 
-def finish(status: int, report: Optional[dict], inputs: Inputs, supervisor: Supervisor, workspace: str, env: dict,
-           note: str) -> int:
-    cancelled = supervisor.cancelled
-    append(env.get("GITHUB_STEP_SUMMARY"), summary(status, report, inputs, cancelled, note))
+def finish(status: int, report: Optional[dict], supervisor: Supervisor, workspace: str, env: dict, what: str) -> int:
+    """Outputs, a summary if livesend wrote none, the workspace given back; the step's exit status."""
+    if report is None:
+        append(env.get("GITHUB_STEP_SUMMARY"), fallback_summary(status, supervisor.cancelled, what))
     append(env.get("GITHUB_OUTPUT"), outputs(status, report))
     if env.get("GITHUB_ACTIONS") == "true":
         give_back(workspace)

@@ -26,6 +26,7 @@ from studio_server import Fault, StudioServer
 ENTRYPOINT = ROOT / "entrypoint.py"
 ACTION = yaml.safe_load((ROOT / "action.yml").read_text())
 RUNNER_UID = 1001  # the hosted runner's user, who owns the workspace
+WORKFLOW_TOKEN = "ghs_workflow-token-0d1e2f3a"  # what `${{ github.token }}` evaluates to here
 EXPR = re.compile(r"\$\{\{\s*inputs\.([A-Za-z0-9_-]+)\s*\}\}")
 FILE_COMMANDS = {"GITHUB_STEP_SUMMARY": "step_summary", "GITHUB_OUTPUT": "set_output", "GITHUB_ENV": "set_env",
                  "GITHUB_STATE": "save_state", "GITHUB_PATH": "add_path"}
@@ -91,7 +92,8 @@ class Step:
             env[var] = str(self.file_commands / name)
         values = {}
         for name, spec in ACTION["inputs"].items():
-            values[name] = inputs.get(name, str((spec or {}).get("default", "")))
+            default = str((spec or {}).get("default", "")).replace("${{ github.token }}", WORKFLOW_TOKEN)
+            values[name] = inputs.get(name, default)
         for name, value in values.items():
             env[f"INPUT_{name.replace(' ', '_').upper()}"] = value  # hyphens kept, as the runner does
         if runs_env:
@@ -153,18 +155,16 @@ def annotations(lines: list, level: str) -> list:
     return [line for line in lines if line.startswith(f"::{level} ")]
 
 
-def assert_token_nowhere(step: Step, allowed_first_line: bool = True) -> None:
-    """The token is in the `::add-mask::` line only: not in any other output, file or environment."""
-    lines = step.lines
-    if allowed_first_line:
-        assert lines[0] == f"::add-mask::{TOKEN}"
-        lines = lines[1:]
-    assert TOKEN not in "\n".join(lines)
-    assert TOKEN not in step.stderr
-    for root in (step.workspace, step.home, step.file_commands):
-        for top, _dirs, files in os.walk(root):
-            for name in files:
-                assert TOKEN.encode() not in Path(top, name).read_bytes(), os.path.join(top, name)
+def assert_token_nowhere(step: Step, *others: str) -> None:
+    """The tokens are in `::add-mask::` lines only: not in any other output, file or environment."""
+    rest = "\n".join(line for line in step.lines if not line.startswith("::add-mask::"))
+    for token in (TOKEN, WORKFLOW_TOKEN, *others):
+        assert token not in rest
+        assert token not in step.stderr
+        for root in (step.workspace, step.home, step.file_commands):
+            for top, _dirs, files in os.walk(root):
+                for name in files:
+                    assert token.encode() not in Path(top, name).read_bytes(), os.path.join(top, name)
 
 
 def owned_by_runner(path: Path) -> list:
@@ -207,7 +207,7 @@ def test_push_streams_live_and_reports(tmp_path, workspace):
     # command's own workflow commands stay inside it; nothing on stderr.
     assert step.lines[0] == f"::add-mask::{TOKEN}"
     before, inside, after = step.blocks()
-    assert before == [f"::add-mask::{TOKEN}"]
+    assert before == [f"::add-mask::{TOKEN}", f"::add-mask::{WORKFLOW_TOKEN}"]
     assert len(inside) == 1
     assert any(line.startswith("trained 12 epochs") for line in inside[0])
     assert "::error::injected by the training" in inside[0]
@@ -220,14 +220,12 @@ def test_push_streams_live_and_reports(tmp_path, workspace):
     events = int(outputs.pop("events-sent"))
     assert 1 <= events <= studio.count("data")  # livesend counts a round of POSTs as one data event
     assert outputs == {"exit-code": "0", "experiment-name": name, "baseline-sha": sha}
+    # The job summary is livesend's own report (written once, not twice).
     summary = step.summary
-    assert f"## livesend: `{name}`" in summary
-    assert "The command succeeded." in summary
-    assert f"{events} data events sent to 127.0.0.1:" in summary
-    assert "| metric | value |" in summary
-    metrics = json.loads((workspace / "dvclive" / "metrics.json").read_text())
-    assert f"| train/loss | {format(metrics['train']['loss'], '.6g')} |" in summary
-    assert f"| best_val_acc | {format(metrics['best_val_acc'], '.6g')} |" in summary
+    assert summary.startswith(f"### ✅ Training succeeded: `{name}`") and summary.count("Training succeeded") == 1
+    assert f"`{name}`: {events} data events sent to 127.0.0.1:" in summary
+    assert "| Metric | Value | Trend |" in summary
+    assert "| `train/loss` |" in summary and "| `best_val_acc` |" in summary
     assert "git add dvclive dvc.yaml && git commit" in summary
     # `git status` worked in the runner-owned checkout (safe.directory), so the summary knows what to commit.
     assert "Not committed yet:" in summary and "`dvclive/metrics.json`" in summary
@@ -284,7 +282,7 @@ def test_pull_request_baseline_is_the_head_commit_not_the_test_merge(tmp_path, w
     assert studio.count("done") == 1
     assert step.outputs["baseline-sha"] == head
     assert step.outputs["experiment-name"] == "pr-7-exp"
-    assert f"Baseline commit: `{head}`" in step.summary
+    assert f"| Baseline commit | `{head[:12]}` |" in step.summary
     assert (workspace / "ml" / "dvclive" / "metrics.json").exists()
     assert owned_by_runner(workspace) == []
     assert_token_nowhere(step)
@@ -300,14 +298,40 @@ def test_fork_pull_request_without_token_warns_and_trains(tmp_path, workspace):
         env = step.env("pull_request", event, {"run": "python train.py --epochs 3", "studio-endpoint": studio.url}, sha)
         assert step.run(env) == 0, step.stdout + step.stderr
         assert studio.received == []
-    assert not any(line.startswith("::add-mask::") for line in step.lines)
+    assert step.lines[0] == f"::add-mask::{WORKFLOW_TOKEN}"  # the default github-token; no Studio token
+    assert not any(line.startswith("::add-mask::") for line in step.lines[1:])
     _, inside, after = step.blocks()
     assert any(line.startswith("trained 3 epochs") for line in inside[0])
     warnings = annotations(after, "warning")
     assert len(warnings) == 1 and "live metrics are off: no Studio token" in warnings[0]
     assert warnings[0].startswith("::warning title=livesend::")
-    assert "Live metrics were off" in step.summary
+    assert "| Studio | live metrics were off (no token) |" in step.summary
     assert step.outputs["exit-code"] == "0" and step.outputs["events-sent"] == "0"
+
+
+def test_comment_posts_the_report_on_the_pull_request(tmp_path, workspace):
+    """`comment: true` with `github-token`: livesend's report as a PR comment through the GitHub API at
+    GITHUB_API_URL (a loopback stand-in here); the GitHub token is masked and never reaches the command."""
+    from test_comment import WRITE, Forge
+
+    sha = git(workspace, "rev-parse", "HEAD")
+    hand_to_runner(workspace)
+    event = {"number": 7, "pull_request": {"number": 7, "head": {"sha": sha}}}
+    step = Step(tmp_path, workspace)
+    with StudioServer(token=TOKEN) as studio, Forge() as forge:
+        env = step.env("pull_request", event, {
+            "run": "python train.py --epochs 3 && env > command-env.txt", "studio-token": TOKEN,
+            "studio-endpoint": studio.url, "name": "commented", "comment": "true", "github-token": WRITE,
+        }, sha, GITHUB_API_URL=f"{forge.url}/gh")
+        assert step.run(env) == 0, step.stdout
+        assert studio.count("done", "commented") == 1
+    bodies = [c["body"] for c in forge.comments[("example-org/example-repo", 7)]]
+    assert len(bodies) == 1 and "Training succeeded: `commented`" in bodies[0]
+    assert all(token == WRITE for _, _, token in forge.requests)
+    assert step.lines[:2] == [f"::add-mask::{TOKEN}", f"::add-mask::{WRITE}"]
+    command_env = (workspace / "command-env.txt").read_text()
+    assert "GITHUB_TOKEN" not in command_env
+    assert_token_nowhere(step, WRITE)
 
 
 # --- exit status, strict, install, inputs -----------------------------------------------------------
@@ -328,7 +352,7 @@ def test_exit_status_passes_through_with_the_runners_own_input_variables(tmp_pat
         assert studio.count("done", "failing-run") == 1
     assert step.outputs["exit-code"] == "4"
     assert step.outputs["experiment-name"] == "failing-run"
-    assert "The command failed with exit status 4." in step.summary
+    assert step.summary.startswith("### ❌ Training failed: `failing-run`")
     assert_token_nowhere(step)
 
 
@@ -349,7 +373,6 @@ def test_rejected_token_is_an_error_annotation_and_strict_fails_the_step(tmp_pat
         errors = annotations(after, "error")
         assert errors and all(e.startswith("::error title=livesend::") for e in errors)
         assert any("Studio rejected the token (HTTP 401)" in e for e in errors)
-        assert not any("Studio rejected the token" in line for line in step.lines[:1])
         assert step.outputs["exit-code"] == str(code)
         assert_token_nowhere(step)
 
@@ -363,7 +386,8 @@ def test_install_runs_first_in_a_folded_group(tmp_path, workspace):
         "run": "test -f installed.txt && echo ran after install", "dry-run": "true"}, sha)
     assert step.run(env) == 0, step.stdout
     before, inside, _ = step.blocks()
-    assert before[0].startswith("::group::install: echo installing requirements")
+    assert before == [f"::add-mask::{WORKFLOW_TOKEN}", "::group::install: echo installing requirements && "
+                      "echo '::warning::from install' && touch installed.txt"]
     assert "installing requirements" in inside[0] and "::warning::from install" in inside[0]
     assert "ran after install" in inside[1]
     starts = [i for i, line in enumerate(step.lines) if line.startswith("::stop-commands::")]
@@ -396,6 +420,9 @@ def test_input_mistakes_are_one_error_annotation_and_exit_2(tmp_path, workspace,
     errors = annotations(step.lines, "error")
     assert len(errors) == 1 and message in errors[0], step.stdout
     assert not any(line.startswith("::stop-commands::") for line in step.lines)
+    assert step.outputs["exit-code"] == "2"
+    assert step.summary.startswith("### livesend: the step failed (exit status 2)")
+    assert message in step.summary
 
 
 # --- cancellation ----------------------------------------------------------------------------------
@@ -431,8 +458,8 @@ def test_cancel_forwards_sends_done_and_ends_within_7_seconds(tmp_path, workspac
     if script:
         assert any(line.startswith("ignoring signal") for line in step.lines)
     assert step.outputs["exit-code"] == str(expected)
-    assert "The step was cancelled" in step.summary
-    assert "marked done" in step.summary and "**not** marked done" not in step.summary
+    assert step.summary.startswith("### ⏹️ Training cancelled: `cancelled-run`")
+    assert "marked done" in step.summary and "not marked done" not in step.summary
     assert owned_by_runner(workspace) == []
     assert_token_nowhere(step)
     assert wait_until(lambda: processes_in(workspace) == [], timeout=5), "a process was left behind"
@@ -449,7 +476,8 @@ def test_cancel_while_studio_stalls_still_ends_within_7_seconds(tmp_path, worksp
     _, _, after = step.blocks()
     assert any("`done` was not delivered" in e for e in annotations(after, "error")), step.stdout
     assert step.outputs["exit-code"] == str(128 + signal.SIGINT)
-    assert "The step was cancelled" in step.summary
+    assert step.summary.startswith("### ⏹️ Training cancelled: `cancelled-run`")
+    assert "**not marked done**" in step.summary
     assert owned_by_runner(workspace) == []
     assert wait_until(lambda: processes_in(workspace) == [], timeout=5), "a process was left behind"
 
