@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from livesend import ci, report
@@ -60,9 +61,20 @@ def run(config: Config, env: Mapping[str, str]) -> int:
         log.removeHandler(problems)
 
 
-def _run(config: Config, env: Mapping[str, str], problems: Problems) -> int:
-    cwd = os.getcwd()
-    env = dict(env)
+@dataclass
+class Plan:
+    """Everything decided before the command starts."""
+
+    name: str
+    names: list
+    baseline: str
+    repo_url: str
+    live: bool
+    sessions: list = field(default_factory=list)
+
+
+def prepare(config: Config, env: dict, cwd: str, stack: contextlib.ExitStack) -> Plan:
+    """Identity, transport and one session per directory. Raises ConfigError for the user's mistakes."""
     top = ci.git_root(cwd, env)
     live = bool(config.token) or config.dry_run
     if not live:
@@ -76,67 +88,100 @@ def _run(config: Config, env: Mapping[str, str], problems: Problems) -> int:
             raise ConfigError("cannot tell which repository this is: set --repo-url or DVC_STUDIO_REPO_URL "
                               "(or run inside a Git clone with an `origin` remote)")
         log.warning("no repository URL found (set --repo-url); the dry run shows an empty one")
-        repo_url = ""
     baseline, source = ci.detect_baseline(config.baseline_sha, env, cwd)
     if live and baseline == NULL_SHA:
         log.warning("not in a Git repository with commits: the baseline commit is unknown (set --baseline-sha); "
                     "Studio will list this experiment as detached")
     name = config.name or ci.generate_name(env)
-    names = experiment_names(name, config.dirs)
+    plan = Plan(name, experiment_names(name, config.dirs), baseline, repo_url or "", live)
     log.debug("experiment %s, baseline %s (%s), repo %s, endpoint %s", name, baseline, source, repo_url, config.endpoint)
+    if not live:
+        return plan
+    recorder = None
+    if config.record:
+        try:
+            recorder = Recorder(stack.enter_context(open(config.record, "a", encoding="utf-8")))
+        except OSError as exc:
+            raise ConfigError(f"cannot open --record file {config.record}: {exc.strerror}") from None
+    if config.dry_run:
+        transport = DryRunTransport(sys.stderr, recorder)
+    else:
+        transport = Transport(config.endpoint, config.token or "", recorder, config.request_timeout)
+    stack.callback(transport.close)
+    ctx = Context(
+        cwd=cwd, repo_url=plan.repo_url, baseline_sha=baseline, dvc_root=ci.dvc_root(cwd, top), git_root=top,
+        tree_root=top or os.path.realpath(cwd), env=env, message=config.message, interval=config.interval,
+    )
+    plan.sessions = [Session(d, n, ctx, transport) for d, n in zip(config.dirs, plan.names)]
+    return plan
 
+
+def _run(config: Config, env: Mapping[str, str], problems: Problems) -> int:
+    cwd = os.getcwd()
+    env = dict(env)
     with contextlib.ExitStack() as stack:
-        recorder = None
-        if config.record:
-            try:
-                recorder = Recorder(stack.enter_context(open(config.record, "a", encoding="utf-8")))
-            except OSError as exc:
-                raise ConfigError(f"cannot open --record file {config.record}: {exc.strerror}") from None
-        if config.dry_run:
-            transport = DryRunTransport(sys.stderr, recorder)
-        else:
-            transport = Transport(config.endpoint, config.token or "", recorder, config.request_timeout)
-        stack.callback(transport.close)
-        root = ci.dvc_root(cwd, top)
-        ctx = Context(
-            cwd=cwd, repo_url=repo_url or "", baseline_sha=baseline, dvc_root=root, git_root=top,
-            tree_root=top or os.path.realpath(cwd), env=env, message=config.message, interval=config.interval,
-        )
-        sessions = [Session(d, n, ctx, transport) for d, n in zip(config.dirs, names)] if live else []
-        for session in sessions:
-            session.begin()
+        try:
+            plan = prepare(config, env, cwd, stack)
+            for session in plan.sessions:
+                session.begin()
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a livesend bug must not keep the command from running
+            log.error("internal error while preparing live metrics (%s: %s); they are off, the command runs as usual",
+                      type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            name = config.name or "run"
+            plan = Plan(name, experiment_names(name, config.dirs), NULL_SHA, "", False)
 
-        command = Command(config.command, child_env(env, config.token, name))
+        command = Command(config.command, child_env(env, config.token, plan.name))
         try:
             status = command.run()
         except CommandError as exc:
             log.error("%s", exc)
             status = exc.status
         deadline = time.monotonic() + config.flush_timeout
-        for session in sessions:
+        for session in plan.sessions:
             session.finish(deadline)
-        for session in sessions:
+        for session in plan.sessions:
             session.join(max(0.0, deadline - time.monotonic()) + 2.0)
+    return finish(config, env, cwd, plan, status, bool(command.signals), problems)
 
+
+def finish(config: Config, env: dict, cwd: str, plan: Plan, status: int, cancelled: bool, problems: Problems) -> int:
+    """The end-of-run report everywhere it goes, then the exit status."""
+    sessions = plan.sessions
     experiments = [s for session in sessions for s in session.stats]
-    summary = report.build(status, config.endpoint_host, experiments, config.dirs, cwd, env, live, config.dry_run,
-                           groups=[session.stats for session in sessions] or None, names=names,
-                           cancelled=bool(command.signals), name=name, baseline_sha=baseline,
-                           repo_url=repo_url or "", problems=problems.items)
-    for line in report.render_text(summary).splitlines():
-        log.info("%s", line)
+    summary = guarded("building the end-of-run report", lambda: report.build(
+        status, config.endpoint_host, experiments, config.dirs, cwd, env, plan.live, config.dry_run,
+        groups=[session.stats for session in sessions] or None, names=plan.names, cancelled=cancelled,
+        name=plan.name, baseline_sha=plan.baseline, repo_url=plan.repo_url, problems=problems.items,
+    ))
+    if summary is None:
+        return status
+    guarded("printing the report", lambda: [log.info("%s", line) for line in report.render_text(summary).splitlines()])
     if env.get("GITHUB_STEP_SUMMARY"):
-        report.write_step_summary(summary, env["GITHUB_STEP_SUMMARY"])
-    if config.comment:
+        guarded("writing the job summary", lambda: report.write_step_summary(summary, env["GITHUB_STEP_SUMMARY"]))
+    if config.comment and config.dry_run:
+        log.info("dry run: not posting the report as a comment")
+    elif config.comment:
         from livesend import comment
 
-        comment.post(summary, env, config.github_token, config.gitlab_token)
+        guarded("posting the report comment", lambda: comment.post(summary, env, config.github_token, config.gitlab_token))
     if config.report_json:
-        write_report_json(config.report_json, summary)
-    if config.strict and status == 0 and (not live or summary.delivery_failed or transport_failed(sessions)):
+        guarded("writing --report-json", lambda: write_report_json(config.report_json, summary))
+    if config.strict and status == 0 and (not plan.live or summary.delivery_failed or transport_failed(sessions)):
         log.error("--strict: delivery to Studio failed, so livesend exits 3 although the command succeeded")
         return 3
     return status
+
+
+def guarded(what: str, action):
+    """Run one end-of-run step; a livesend bug there is logged and never changes the exit status."""
+    try:
+        return action()
+    except Exception as exc:  # noqa: BLE001
+        log.error("internal error while %s (%s: %s); the command's exit status is unaffected", what,
+                  type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return None
 
 
 def transport_failed(sessions: list) -> bool:
