@@ -357,3 +357,32 @@ def test_several_directories_are_several_experiments(studio, repo):
     assert studio.count("done", "multi-train_a") == 1 and studio.count("done", "multi-train_b") == 1
     assert_delivered(studio, repo, name="multi-train_a", live_dir="train_a")
     assert_delivered(studio, repo, name="multi-train_b", live_dir="train_b")
+
+
+def test_saved_experiment_gets_experiment_rev_and_the_push_reminder(studio, repo):
+    script = repo / "save.py"
+    script.write_text(
+        "from dvclive import Live\n"
+        "with Live(save_dvc_exp=True) as live:\n"  # DVCLive takes the name from DVC_EXP_NAME, set by livesend
+        "    for i in range(3):\n        live.log_metric('loss', 1 / (i + 1)); live.next_step()\n"
+    )
+    result = run_livesend(repo, studio.url, [sys.executable, "save.py"], "--name", "saved-exp")
+    assert result.returncode == 0, result.stderr
+    head = git(repo, "rev-parse", "HEAD")
+    rev = git(repo, "rev-parse", f"refs/exps/{head[:2]}/{head[2:]}/saved-exp")
+    done = [b for b in studio.accepted if b["type"] == "done"]
+    assert done == [{**done[0], "experiment_rev": rev}] and done[0]["name"] == "saved-exp"
+    assert "dvc exp push origin saved-exp" in result.stderr
+
+
+def test_dvc_root_below_the_git_root_gives_subdir_and_keys(studio, repo):
+    project = repo / "proj"
+    project.mkdir()
+    subprocess.run(["dvc", "init", "--subdir", "-q"], cwd=project, check=True, capture_output=True)
+    result = run_livesend(project, studio.url, [*TRAIN, "--epochs", "3"])
+    assert result.returncode == 0, result.stderr
+    start = studio.accepted[0]
+    assert start["type"] == "start" and start["subdir"] == "proj"
+    keys = {k for b in studio.accepted for k in b.get("plots", {})}
+    assert "dvclive/plots/metrics/train/loss.tsv" in keys  # relative to the DVC root, as DVCLive sends them
+    assert_delivered(studio, project)
