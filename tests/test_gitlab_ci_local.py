@@ -23,13 +23,16 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from conftest import EXAMPLES, ROOT, TOKEN, clean_env, git
 from dvclive_files import disk_state, received_state
+
+import livesend
 
 GCL = ROOT / ".ci" / "node" / "node_modules" / ".bin" / "gitlab-ci-local"
 GCL_VERSION = "4.73.0"
@@ -104,17 +107,103 @@ class _QuietFiles(SimpleHTTPRequestHandler):
         pass
 
 
+class GitHost:
+    """A GitLab stand-in for what gitlab-ci-local fetches over HTTP: `git clone` of other projects, served
+    by `git http-backend` (Git's own smart-HTTP server) on 127.0.0.1. It holds acme/livesend, this
+    checkout's GitLab files committed and tagged v<version> as a release would be."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        handler = functools.partial(_GitBackend, root=str(root))
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def publish_livesend(self, work: Path) -> None:
+        work.mkdir()
+        git(work, "init", "-q", "-b", "main")
+        for path in (TEMPLATE, COMPONENT):
+            target = work / path.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+        git(work, "add", "-A")
+        git(work, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-q", "-m", "release")
+        git(work, "tag", f"v{livesend.__version__}")
+        bare = self.root / "acme" / "livesend.git"
+        bare.parent.mkdir(parents=True, exist_ok=True)
+        git(work, "clone", "-q", "--bare", str(work), str(bare))
+        git(bare, "config", "uploadpack.allowFilter", "true")  # gitlab-ci-local clones with --filter=tree:0
+
+    def origin(self, project: str) -> str:
+        """The `origin` of a GitLab clone of `project` on this host, job token included."""
+        return f"http://gitlab-ci-token:{JOB_TOKEN}@127.0.0.1:{self.port}/{project}.git"
+
+    def project_url(self, project: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{project}"
+
+
+class _GitBackend(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def __init__(self, *args, root: str, **kwargs) -> None:
+        self.git_root = root
+        super().__init__(*args, **kwargs)
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._cgi()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._cgi()
+
+    def _cgi(self) -> None:
+        url = urlsplit(self.path)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        env = {"PATH": os.environ["PATH"], "GIT_PROJECT_ROOT": self.git_root, "GIT_HTTP_EXPORT_ALL": "1",
+               "REQUEST_METHOD": self.command, "PATH_INFO": url.path, "QUERY_STRING": url.query,
+               "CONTENT_TYPE": self.headers.get("Content-Type", ""), "CONTENT_LENGTH": str(len(body)),
+               "REMOTE_ADDR": "127.0.0.1", "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
+               "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", "")}
+        out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True, timeout=60).stdout
+        head, _, payload = out.partition(b"\r\n\r\n")
+        status, headers = 200, []
+        for line in head.decode("latin-1").split("\r\n"):
+            key, _, value = line.partition(":")
+            if key.lower() == "status":
+                status = int(value.split()[0])
+            elif key:
+                headers.append((key, value.strip()))
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def git_host(tmp_path):
+    host = GitHost(tmp_path / "git-host")
+    host.publish_livesend(tmp_path / "livesend-release")
+    host.thread.start()
+    yield host
+    host.httpd.shutdown()
+    host.httpd.server_close()
+
+
 # --- a project and a pipeline run ---------------------------------------------------------------------
 
 
-def make_project(tmp_path: Path, pipeline: str, files: dict | None = None) -> Path:
+def make_project(tmp_path: Path, pipeline: str, files: dict | None = None, origin: str = ORIGIN) -> Path:
     """A Git repository as a GitLab job sees it, with the pipeline and a copy of the example training."""
     path = tmp_path / "project"
     path.mkdir()
     git(path, "init", "-q", "-b", "main")
     git(path, "config", "user.email", "t@example.com")
     git(path, "config", "user.name", "t")
-    git(path, "remote", "add", "origin", ORIGIN)
+    git(path, "remote", "add", "origin", origin)
     (path / ".gitlab-ci.yml").write_text(pipeline)
     shutil.copy(EXAMPLES / "train.py", path / "train.py")
     (path / ".gitignore").write_text(".gitlab-ci-local/\n.gitlab-ci-local-variables.yml\n")
@@ -188,14 +277,14 @@ def assert_no_secret(run: Pipeline, studio) -> None:
     assert JOB_TOKEN not in repr([r.body for r in studio.received])
 
 
-def assert_streamed(studio, project: Path, name: str, baseline: str) -> None:
+def assert_streamed(studio, project: Path, name: str, baseline: str, project_url: str = PROJECT_URL) -> None:
     """start, data, done arrived, all valid, with GitLab's identity, and every DVCLive row once."""
     assert studio.invalid == [], [r.error for r in studio.invalid]
     bodies = studio.accepted
     assert [b["type"] for b in bodies][0] == "start" and bodies[-1]["type"] == "done"
     assert studio.count("start") == 1 and studio.count("done") == 1 and studio.count("data") >= 1
     for body in bodies:
-        assert body["repo_url"] == PROJECT_URL
+        assert body["repo_url"] == project_url
         assert body["baseline_sha"] == baseline
         assert body["name"] == name
     assert all(r.headers.get("Authorization") == f"token {TOKEN}" for r in studio.received)
@@ -305,7 +394,7 @@ def test_empty_run_fails_with_a_clear_message(gitlab_ci_local, wheel, venv, stud
 
 COMPONENT_PIPELINE = """\
 include:
-  - component: $CI_SERVER_FQDN/$CI_PROJECT_PATH/livesend@$CI_COMMIT_SHA
+  - component: {component}
     inputs:
       job-name: train
       run: {run}
@@ -319,12 +408,22 @@ train:
 """
 
 
-@pytest.mark.parametrize("exit_code", [0, 1])
-def test_component_streams_a_real_training(gitlab_ci_local, wheel, venv, studio, tmp_path, exit_code):
-    """The self-test form GitLab documents: the project includes its own component at its HEAD."""
-    pipeline = COMPONENT_PIPELINE.format(
-        run=f"python train.py --epochs 8 --image-every 4 --exit-code {exit_code}", install=wheel)
-    project = make_project(tmp_path, pipeline, {"templates/livesend.yml": COMPONENT.read_text()})
+@pytest.mark.parametrize("form, exit_code", [("self-test", 0), ("release", 1)])
+def test_component_streams_a_real_training(gitlab_ci_local, wheel, venv, studio, tmp_path, git_host, form, exit_code):
+    """self-test: the project includes its own component at the commit being built (GitLab's documented
+    pattern). release: another project includes it from acme/livesend at the release tag, fetched over
+    HTTP from the loopback Git host."""
+    run_cmd = f"python train.py --epochs 8 --image-every 4 --exit-code {exit_code}"
+    if form == "self-test":
+        pipeline = COMPONENT_PIPELINE.format(component="$CI_SERVER_FQDN/$CI_PROJECT_PATH/livesend@$CI_COMMIT_SHA",
+                                             run=run_cmd, install=wheel)
+        project = make_project(tmp_path, pipeline, {"templates/livesend.yml": COMPONENT.read_text()})
+        project_url = PROJECT_URL
+    else:
+        pipeline = COMPONENT_PIPELINE.format(
+            component=f"$CI_SERVER_FQDN/acme/livesend/livesend@v{livesend.__version__}", run=run_cmd, install=wheel)
+        project = make_project(tmp_path, pipeline, origin=git_host.origin("acme/ml"))
+        project_url = git_host.project_url("acme/ml")
     variables = job_variables(studio, wheel)
     del variables["LIVESEND_INSTALL"], variables["LIVESEND_INTERVAL"]  # inputs this time
     run = run_pipeline(gitlab_ci_local, project, venv, variables)
@@ -337,7 +436,7 @@ def test_component_streams_a_real_training(gitlab_ci_local, wheel, venv, studio,
         assert run.returncode == 0, run.output
         assert "PASS  train" in run.output
         assert "the training succeeded; the job exits with status 0." in log
-    assert_streamed(studio, project, job_name(run), git(project, "rev-parse", "HEAD"))
+    assert_streamed(studio, project, job_name(run), git(project, "rev-parse", "HEAD"), project_url)
     assert {b.get("message") for b in studio.accepted if b["type"] == "start"} == {"component run"}
     assert_sections(log)
     assert_artifacts(run)
@@ -347,18 +446,12 @@ def test_component_streams_a_real_training(gitlab_ci_local, wheel, venv, studio,
 # --- the example pipeline -----------------------------------------------------------------------------
 
 
-def test_example_pipeline_in_a_merged_results_pipeline(gitlab_ci_local, wheel, venv, studio, tmp_path):
-    """examples/gitlab/.gitlab-ci.yml, its include pointed at this checkout, in a merge request pipeline
-    for merged results: Studio gets the source branch head as baseline, not GitLab's merge commit."""
-    example = yaml.safe_load(EXAMPLE.read_text())
-    assert example["include"][0]["project"]
-    example["include"] = [{"local": "gitlab/livesend.gitlab-ci.yml"}]
-    example["train"]["before_script"] = ['echo "experiment-name=$CI_JOB_NAME_SLUG-$CI_JOB_ID"']
-    example["train"]["variables"]["LIVESEND_RUN"] = "python train.py --epochs 10 --image-every 5"
-    project = make_project(tmp_path, yaml.safe_dump(example, sort_keys=False), {
-        "gitlab/livesend.gitlab-ci.yml": TEMPLATE.read_text(),
-        "requirements.txt": "numpy\ndvclive\npillow\n",
-    })
+def test_example_pipeline_in_a_merged_results_pipeline(gitlab_ci_local, wheel, venv, studio, tmp_path, git_host):
+    """examples/gitlab/.gitlab-ci.yml as it is: its `include: project: acme/livesend` at the release tag is
+    fetched from the loopback Git host. In a merge request pipeline for merged results, Studio gets the
+    source branch head as baseline, not the merge commit GitLab made."""
+    project = make_project(tmp_path, EXAMPLE.read_text(), {"requirements.txt": "numpy\ndvclive\npillow\n"},
+                           origin=git_host.origin("acme/ml"))
     git(project, "checkout", "-q", "-b", "feature")
     (project / "params.txt").write_text("lr=0.5\n")
     git(project, "add", "params.txt")
@@ -366,16 +459,18 @@ def test_example_pipeline_in_a_merged_results_pipeline(gitlab_ci_local, wheel, v
     source_sha = git(project, "rev-parse", "HEAD")
     git(project, "checkout", "-q", "main")
     git(project, "merge", "-q", "--no-ff", "-m", "merged result", "feature")
-    merge_sha = git(project, "rev-parse", "HEAD")
-    assert merge_sha != source_sha
+    assert git(project, "rev-parse", "HEAD") != source_sha
 
     run = run_pipeline(gitlab_ci_local, project, venv, job_variables(
         studio, wheel, CI_PIPELINE_SOURCE="merge_request_event", CI_MERGE_REQUEST_EVENT_TYPE="merged_result",
         CI_MERGE_REQUEST_SOURCE_BRANCH_SHA=source_sha), overridden=("CI_PIPELINE_SOURCE",))
     assert run.returncode == 0, run.output
+    assert f"downloaded acme/livesend v{livesend.__version__} gitlab/livesend.gitlab-ci.yml" in run.output
     log = run.logs["train"]
     assert "livesend: setup: pip install -r requirements.txt" in log
-    assert "trained 10 epochs" in log
-    assert_streamed(studio, project, job_name(run), source_sha)
+    assert "trained 20 epochs" in log
+    names = {b["name"] for b in studio.accepted}
+    assert len(names) == 1 and re.fullmatch(r"train-\d+", names.pop())
+    assert_streamed(studio, project, studio.accepted[0]["name"], source_sha, git_host.project_url("acme/ml"))
     assert_artifacts(run)
     assert_no_secret(run, studio)
