@@ -9,6 +9,9 @@ How GitLab is reproduced here:
   hands its own environment to shell-executor jobs, as a runner does with a masked variable;
 - other project CI/CD variables go into `.gitlab-ci-local-variables.yml` (untracked), including
   GITLAB_CI=true: gitlab-ci-local sets "false" where GitLab sets "true";
+- `include: project` and a released component are fetched the way gitlab-ci-local fetches them, with
+  `git clone` over HTTP, from a loopback Git host (`git http-backend`) holding acme/livesend tagged
+  v<version>; `include: remote` from a loopback web server;
 - the job installs livesend into a virtual environment of its own (system site-packages visible, so the
   training's numpy/dvclive need no download), never into the interpreter running these tests.
 """
