@@ -18,6 +18,14 @@ from dvclive_files import disk_state, received_state, shape
 TRAIN = [sys.executable, str(EXAMPLES / "train.py")]
 
 
+def spawn(cwd: Path, studio, *args: str) -> subprocess.Popen:
+    """`livesend run ARGS` in the background, with the token and the loopback endpoint."""
+    return subprocess.Popen(
+        livesend_cmd("run", *args), cwd=cwd, env=clean_env(STUDIO_ENDPOINT=studio.url, STUDIO_TOKEN=TOKEN),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
 def assert_all_valid(studio) -> None:
     assert studio.invalid == [], [r.error for r in studio.invalid]
 
@@ -110,10 +118,7 @@ def test_torn_writes_are_never_sent(studio, repo):
         "with tsv.open('a') as f: f.write('5\\n')\n"
         "(d / 'metrics.json').write_text(json.dumps({'loss': 0.25, 'step': 3}) + '\\n')\n"
     )
-    proc = subprocess.Popen(
-        livesend_cmd("run", "--interval", "0.05", "--", sys.executable, "torn.py"), cwd=repo,
-        env=clean_env(STUDIO_ENDPOINT=studio.url, STUDIO_TOKEN=TOKEN), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = spawn(repo, studio, "--interval", "0.05", "--", sys.executable, "torn.py")
     try:
         assert studio.wait_for(lambda s: len(received_state(s.accepted)["plots"].get("dvclive/plots/metrics/loss.tsv", [])) >= 3)
         seen = received_state(studio.accepted)["plots"]["dvclive/plots/metrics/loss.tsv"]
@@ -140,10 +145,7 @@ def test_directory_that_appears_late(studio, repo):
         "while not pathlib.Path('go').exists(): pass\n"
         f"sys.argv = ['train.py', '--epochs', '4']\nrunpy.run_path({str(EXAMPLES / 'train.py')!r}, run_name='__main__')\n"
     )
-    proc = subprocess.Popen(
-        livesend_cmd("run", "--interval", "0.1", "--", sys.executable, "late.py"), cwd=repo,
-        env=clean_env(STUDIO_ENDPOINT=studio.url, STUDIO_TOKEN=TOKEN), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = spawn(repo, studio, "--interval", "0.1", "--", sys.executable, "late.py")
     try:
         assert not (repo / "dvclive").exists() and studio.received == []  # no empty experiment at launch
         go = time.time()
@@ -161,10 +163,7 @@ def test_fresh_run_in_same_directory_starts_a_new_experiment(studio, repo):
     second = f"{sys.executable} {EXAMPLES / 'train.py'} --epochs 3"
     first = f"{sys.executable} {EXAMPLES / 'train.py'} --epochs 5"
     command = ["bash", "-c", f"{first} && while [ ! -e go ]; do sleep 0.05; done && {second}"]
-    proc = subprocess.Popen(
-        livesend_cmd("run", "--name", "fresh", "--interval", "0.1", "--", *command), cwd=repo,
-        env=clean_env(STUDIO_ENDPOINT=studio.url, STUDIO_TOKEN=TOKEN), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = spawn(repo, studio, "--name", "fresh", "--interval", "0.1", "--", *command)
     try:
         key = "dvclive/plots/metrics/train/loss.tsv"
         assert studio.wait_for(lambda s: len(received_state(s.accepted, "fresh")["plots"].get(key, [])) == 5)
@@ -221,10 +220,7 @@ def test_signals_are_forwarded_and_the_experiment_is_done(studio, repo, signum):
         "pathlib.Path('got').write_text(str(got[0]))\n"
         "sys.exit(7)\n"
     )
-    proc = subprocess.Popen(
-        livesend_cmd("run", "--interval", "0.1", "--", sys.executable, "slow.py"), cwd=repo,
-        env=clean_env(STUDIO_ENDPOINT=studio.url, STUDIO_TOKEN=TOKEN), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = spawn(repo, studio, "--interval", "0.1", "--", sys.executable, "slow.py")
     try:
         assert studio.wait_for(lambda s: s.count("data") >= 2)
         proc.send_signal(signum)
@@ -244,10 +240,7 @@ def test_signal_that_kills_the_command_gives_128_plus_n(studio, repo):
         "live.log_metric('loss', 1.0); live.next_step()\n"
         "while True: time.sleep(0.05)\n"
     )
-    proc = subprocess.Popen(
-        livesend_cmd("run", "--interval", "0.1", "--", sys.executable, "plain.py"), cwd=repo,
-        env=clean_env(STUDIO_ENDPOINT=studio.url, STUDIO_TOKEN=TOKEN), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = spawn(repo, studio, "--interval", "0.1", "--", sys.executable, "plain.py")
     try:
         assert studio.wait_for(lambda s: s.count("data") >= 1)
         proc.send_signal(signal.SIGTERM)
