@@ -144,10 +144,11 @@ def test_untrusted_tls_certificate_is_a_clear_error_never_an_insecure_retry(repo
     assert len(outcome.record) == 1  # no retry storm
 
 
-def test_private_ca_through_requests_ca_bundle(repo, certificate):
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"])
+def test_private_ca_through_the_environment(repo, certificate, variable):
     with StudioServer(token=TOKEN, tls=certificate) as studio:
         outcome = harness.run(repo, studio.url, [*TRAIN, "--epochs", "3"], "--interval", "0.1",
-                              env={"REQUESTS_CA_BUNDLE": str(certificate[0])})
+                              env={variable: str(certificate[0])})
         harness.check(outcome, studio)
         assert studio.count("done") == 1
 
