@@ -55,6 +55,7 @@ def start(repo: Path, url: str, command: list, *options: str, token: str | None 
           **popen) -> subprocess.Popen:
     (repo / ".wrapper.py").write_text(WRAPPER)
     environment = clean_env(STUDIO_ENDPOINT=url, **(env or {}))
+    environment = {k: v for k, v in environment.items() if v is not None}  # env={"X": None} unsets X
     if token is not None:
         environment["STUDIO_TOKEN"] = token
     args = livesend_cmd(

@@ -148,7 +148,7 @@ def test_untrusted_tls_certificate_is_a_clear_error_never_an_insecure_retry(repo
 def test_private_ca_through_the_environment(repo, certificate, variable):
     with StudioServer(token=TOKEN, tls=certificate) as studio:
         outcome = harness.run(repo, studio.url, [*TRAIN, "--epochs", "3"], "--interval", "0.1",
-                              env={variable: str(certificate[0])})
+                              env={"REQUESTS_CA_BUNDLE": None, "CURL_CA_BUNDLE": None, variable: str(certificate[0])})
         harness.check(outcome, studio)
         assert studio.count("done") == 1
 
