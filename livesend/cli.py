@@ -75,9 +75,27 @@ example:
 """
 
 
+class GitHubFormatter(logging.Formatter):
+    """In a GitHub Actions step, warnings and errors become annotations (shown on the run's page)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno < logging.WARNING:
+            return text
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        escaped = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        return f"::{level} title=livesend::{escaped}"
+
+
+def annotations_wanted(env) -> bool:
+    """GitHub Actions, unless turned off (the container action annotates after its stop-commands block)."""
+    return env.get("GITHUB_ACTIONS") == "true" and env.get("LIVESEND_ANNOTATIONS", "").lower() not in ("0", "false", "no")
+
+
 def setup_logging(verbosity: int, secrets: list) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("livesend: %(message)s"))
+    formatter = GitHubFormatter if annotations_wanted(os.environ) else logging.Formatter
+    handler.setFormatter(formatter("livesend: %(message)s"))
     handler.addFilter(Redactor(secrets))
     log.handlers[:] = [handler]
     log.propagate = False

@@ -379,3 +379,16 @@ def test_dvc_root_below_the_git_root_gives_subdir_and_keys(studio, repo):
     keys = {k for b in studio.accepted for k in b.get("plots", {})}
     assert "dvclive/plots/metrics/train/loss.tsv" in keys  # relative to the DVC root, as DVCLive sends them
     assert_delivered(studio, project)
+
+
+def test_github_step_gets_annotations_unless_turned_off(studio, repo):
+    github = {"GITHUB_ACTIONS": "true", "GITHUB_REPOSITORY": "org/repo", "GITHUB_SERVER_URL": "https://github.com",
+              "GITHUB_JOB": "train", "GITHUB_RUN_ID": "42", "GITHUB_RUN_ATTEMPT": "1"}
+    plain = run_livesend(repo, studio.url, ["true"], token=None, env=github)
+    assert any(line.startswith("::warning title=livesend::livesend: live metrics are off") for line in plain.stderr.splitlines())
+    off = run_livesend(repo, studio.url, ["true"], token=None, env={**github, "LIVESEND_ANNOTATIONS": "false"})
+    assert "::warning" not in off.stderr and "live metrics are off" in off.stderr
+    run = run_livesend(repo, studio.url, [*TRAIN, "--epochs", "2"], env=github)
+    assert run.returncode == 0
+    assert {b["repo_url"] for b in studio.accepted} == {"https://github.com/org/repo"}
+    assert studio.accepted[0]["name"].startswith("train-42-1-")
