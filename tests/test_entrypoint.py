@@ -42,6 +42,27 @@ def workspace(repo: Path) -> Path:
     return repo
 
 
+def checkout_test_merge(repo: Path, change) -> tuple:
+    """What actions/checkout leaves on `pull_request`: `change()` committed on a feature branch (the
+    PR head), main moved on meanwhile, and the test merge of both checked out detached (GITHUB_SHA).
+    Returns (head, base, merge)."""
+    git(repo, "checkout", "-q", "-b", "feature")
+    change()
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "feature work")
+    head = git(repo, "rev-parse", "HEAD")
+    git(repo, "checkout", "-q", "main")
+    (repo / "NOTES").write_text("main moved on\n")
+    git(repo, "add", "NOTES")
+    git(repo, "commit", "-q", "-m", "notes")
+    base = git(repo, "rev-parse", "HEAD")
+    git(repo, "checkout", "-q", "--detach")
+    git(repo, "merge", "-q", "--no-ff", "-m", "Merge feature into main", "feature")
+    merge = git(repo, "rev-parse", "HEAD")
+    assert len({head, base, merge}) == 3
+    return head, base, merge
+
+
 def hand_to_runner(path: Path) -> None:
     for top, dirs, files in os.walk(path):
         for name in [".", *dirs, *files]:
@@ -248,21 +269,11 @@ def test_push_streams_live_and_reports(tmp_path, workspace):
 def test_pull_request_baseline_is_the_head_commit_not_the_test_merge(tmp_path, workspace):
     """actions/checkout checks out refs/pull/N/merge (GITHUB_SHA), a commit Studio never sees; the
     baseline must be the PR head from the event file. Here in a sub-directory (working-directory)."""
-    git(workspace, "checkout", "-q", "-b", "feature")
-    (workspace / "ml").mkdir()
-    shutil.move(workspace / "train.py", workspace / "ml" / "train.py")
-    git(workspace, "add", "-A")
-    git(workspace, "commit", "-q", "-m", "move the training")
-    head = git(workspace, "rev-parse", "HEAD")
-    git(workspace, "checkout", "-q", "main")
-    (workspace / "NOTES").write_text("main moved on\n")
-    git(workspace, "add", "NOTES")
-    git(workspace, "commit", "-q", "-m", "notes")
-    base = git(workspace, "rev-parse", "HEAD")
-    git(workspace, "checkout", "-q", "--detach")
-    git(workspace, "merge", "-q", "--no-ff", "-m", "Merge feature into main", "feature")
-    merge = git(workspace, "rev-parse", "HEAD")
-    assert len({head, base, merge}) == 3
+    def move_the_training():
+        (workspace / "ml").mkdir()
+        shutil.move(workspace / "train.py", workspace / "ml" / "train.py")
+
+    head, base, merge = checkout_test_merge(workspace, move_the_training)
     hand_to_runner(workspace)
 
     event = {"action": "synchronize", "number": 7,
@@ -474,10 +485,17 @@ def test_cancel_while_studio_stalls_still_ends_within_7_seconds(tmp_path, worksp
     assert took < 7.0, f"the step took {took:.2f} s to end after the signal"
     assert studio.count("done") == 0
     _, _, after = step.blocks()
-    assert any("`done` was not delivered" in e for e in annotations(after, "error")), step.stdout
+    errors = annotations(after, "error")
     assert step.outputs["exit-code"] == str(128 + signal.SIGINT)
-    assert step.summary.startswith("### ⏹️ Training cancelled: `cancelled-run`")
-    assert "**not marked done**" in step.summary
+    if "livesend did not finish within the cancellation grace period" in step.stdout:
+        # the backstop: livesend stuck past 6 s (a request Studio never answers, a loaded machine)
+        assert step.summary.startswith("### livesend: the step cancelled (exit status 130)")
+        assert any("did not finish within the cancellation grace period" in e for e in errors)
+    else:
+        # livesend said it itself (`done` failed) or the entrypoint read it from the report (never tried)
+        assert any("`done`" in e for e in errors), step.stdout
+        assert step.summary.startswith("### ⏹️ Training cancelled: `cancelled-run`")
+        assert "**not marked done**" in step.summary
     assert owned_by_runner(workspace) == []
     assert wait_until(lambda: processes_in(workspace) == [], timeout=5), "a process was left behind"
 
