@@ -136,16 +136,18 @@ class Inputs:
         return args + ["--", "bash", "-e", "-o", "pipefail", "-c", self.run]
 
 
-SECRET_VARS = ("STUDIO_TOKEN", "DVC_STUDIO_TOKEN", "GITHUB_TOKEN", "LIVESEND_GITHUB_TOKEN", "LIVESEND_GITLAB_TOKEN")
+SECRET_VARS = ("STUDIO_TOKEN", "DVC_STUDIO_TOKEN", "LIVESEND_GITHUB_TOKEN", "LIVESEND_GITLAB_TOKEN")
 
 
 def child_environment(env: dict, secret: list) -> dict:
-    """The environment of `install` and of livesend: no input variables, nothing holding a token."""
+    """The environment of `install` and of livesend: no input variables, nothing holding a token of
+    `secret` (the Studio token; the GitHub token only when livesend uses it for `comment`, as
+    livesend itself does: a GITHUB_TOKEN the workflow gives the step on purpose stays)."""
     out = {}
     for key, value in env.items():
         if key.startswith(("INPUT_", INPUT_PREFIX)) or key in SECRET_VARS:
             continue
-        if any(s in value for s in secret):
+        if any(s and s in value for s in secret):
             continue
         out[key] = value
     return out
@@ -415,7 +417,7 @@ def main() -> int:
         annotate("error", str(exc))
         return finish(2, None, supervisor, workspace, env, f"Nothing ran: {exc}.")
 
-    base_env = child_environment(env, secret)
+    base_env = child_environment(env, [inputs.token] + ([inputs.github_token] if inputs.comment else []))
     trust_directories([os.path.realpath(p) for p in (workspace, git_top(workdir, workspace) or workspace)], base_env)
     report_dir = tempfile.mkdtemp(prefix="livesend-action-")
     report_path = os.path.join(report_dir, "report.json")

@@ -333,7 +333,7 @@ def test_comment_posts_the_report_on_the_pull_request(tmp_path, workspace):
         env = step.env("pull_request", event, {
             "run": "python train.py --epochs 3 && env > command-env.txt", "studio-token": TOKEN,
             "studio-endpoint": studio.url, "name": "commented", "comment": "true", "github-token": WRITE,
-        }, sha, GITHUB_API_URL=f"{forge.url}/gh")
+        }, sha, GITHUB_API_URL=f"{forge.url}/gh", GITHUB_TOKEN=WRITE)  # also in the step's env: kept from the command
         assert step.run(env) == 0, step.stdout
         assert studio.count("done", "commented") == 1
     bodies = [c["body"] for c in forge.comments[("example-org/example-repo", 7)]]
