@@ -172,8 +172,10 @@ class TsvTail:
                     self.header = split_line(line[:-1])
                     self.header_end = self.offset = len(line)
                 f.seek(self.offset)
-                budget = max(budget, MAX_LINE)
                 data = f.read(budget)
+                if len(data) == budget < MAX_LINE and b"\n" not in data:  # no line ends within the budget:
+                    budget = MAX_LINE  # read on to MAX_LINE, so a long line can still end (or be cut)
+                    data += f.read(budget - len(data))
                 chunk = self._parse(f, data)
                 if chunk is not None:
                     chunk.more = len(data) == budget

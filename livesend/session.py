@@ -23,7 +23,7 @@ from livesend.transport import Outcome, backoff
 log = logging.getLogger("livesend")
 
 SAFETY_POLL = 2.0  # seconds between rescans when no file event arrives
-ROUND_TSV_BUDGET = 2_000_000  # bytes of TSV per request round (bounds memory during a backlog)
+ROUND_TSV_BUDGET = 1_000_000  # bytes of TSV per request round (bounds memory during a backlog)
 ROUND_IMAGE_BUDGET = 24_000_000  # bytes of base64 images per request round
 DONE_RESERVE = 0.25  # share of the flush time kept for `done` (at most 3 s)
 
@@ -304,8 +304,8 @@ class Session(threading.Thread):
             more = more or chunk.more
             if chunk.max_step is not None and (max_step is None or chunk.max_step > max_step):
                 max_step = chunk.max_step
-            row_jsons = [studio.row_json(columns, fields) for columns, fields in chunk.rows]
-            entries.extend(studio.tsv_entries(key, row_jsons, chunk.ends, self.ctx.limits.max_entry))
+            rows = [studio.cast_row(columns, fields) for columns, fields in chunk.rows]
+            entries.extend(studio.row_entries(key, rows, chunk.ends, self.ctx.limits.max_entry))
         image_bytes = 0
         for key, (path, st) in listing.images.items():
             stamp = Stamp.of(st)

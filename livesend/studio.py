@@ -49,8 +49,11 @@ class Request:
     images: int = 0
 
 
+_ENCODER = json.JSONEncoder(allow_nan=False)  # what json.dumps(obj, allow_nan=False) builds on every call
+
+
 def encode(obj: Any) -> str:
-    return json.dumps(obj, allow_nan=False)
+    return _ENCODER.encode(obj)
 
 
 def _base(event: str, ident: Identity) -> dict:
@@ -157,6 +160,16 @@ def tsv_entries(key: str, row_jsons: Sequence[str], ends: Sequence[int], max_ent
         last_end = end
     if pending:
         yield _tsv_entry(key, pending, last_end, size)
+
+
+def row_entries(key: str, rows: Sequence[dict], ends: Sequence[int], max_entry: int) -> Iterable[Entry]:
+    """`tsv_entries` of cast rows, byte for byte: the list is encoded in one call when it fits in one
+    entry (the common case: `encode` of a list is its items' encodings joined by ", "), else row by row."""
+    whole = encode(list(rows))
+    if len(whole) > max_entry:
+        yield from tsv_entries(key, [encode(row) for row in rows], ends, max_entry)
+    elif rows:
+        yield Entry(key, '{"data": ' + whole + "}", len(whole), ("tsv", key, ends[-1], len(rows)), rows=len(rows))
 
 
 def _tsv_entry(key: str, rows: Sequence[str], end: int, size: int) -> Entry:
