@@ -422,7 +422,7 @@ def main() -> int:
     report_dir = tempfile.mkdtemp(prefix="livesend-action-")
     report_path = os.path.join(report_dir, "report.json")
     args = inputs.livesend_args(report_path, env.get("RUNNER_DEBUG") == "1")
-    livesend_env = dict(base_env)
+    livesend_env = dict(base_env, LIVESEND_ANNOTATIONS="false")  # inert inside the block: annotated after it
     if inputs.token:
         livesend_env["STUDIO_TOKEN"] = inputs.token
     if inputs.comment and inputs.github_token:

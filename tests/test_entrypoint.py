@@ -315,6 +315,9 @@ def test_fork_pull_request_without_token_warns_and_trains(tmp_path, workspace):
     assert any(line.startswith("trained 3 epochs") for line in inside[0])
     warnings = annotations(after, "warning")
     assert len(warnings) == 1 and "live metrics are off: no Studio token" in warnings[0]
+    # inside the block livesend logs plain lines (an annotation there would be inert text)
+    assert any(line.startswith("livesend: live metrics are off") for line in inside[0])
+    assert not any(line.startswith("::") for line in inside[0])
     assert warnings[0].startswith("::warning title=livesend::")
     assert "| Studio | live metrics were off (no token) |" in step.summary
     assert step.outputs["exit-code"] == "0" and step.outputs["events-sent"] == "0"
