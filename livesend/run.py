@@ -142,7 +142,8 @@ def _run(config: Config, env: Mapping[str, str], problems: Problems) -> int:
         for session in plan.sessions:
             session.finish(deadline)
         for session in plan.sessions:
-            session.join(max(0.0, deadline - time.monotonic()) + 2.0)
+            # a request in flight at the deadline (a stalled Studio) is abandoned with its daemon thread
+            session.join(max(0.0, deadline - time.monotonic()) + 0.5)
     return finish(config, env, cwd, plan, status, bool(command.signals), problems)
 
 
