@@ -19,7 +19,7 @@ import livesend
 TEMPLATE = ROOT / "gitlab" / "livesend.gitlab-ci.yml"
 COMPONENT = ROOT / "templates" / "livesend.yml"
 EXAMPLE = ROOT / "examples" / "gitlab" / ".gitlab-ci.yml"
-DOCS = ROOT / "docs" / "gitlab.md"
+DOCS = ROOT / "README.md"  # its "GitLab CI" section
 COMPONENT_JOB = "$[[ inputs.job-name ]]"
 
 
