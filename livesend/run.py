@@ -158,7 +158,7 @@ def finish(config: Config, env: dict, cwd: str, plan: Plan, status: int, cancell
     ))
     if summary is None:
         return status
-    guarded("printing the report", lambda: [log.info("%s", line) for line in report.render_text(summary).splitlines()])
+    guarded("printing the report", lambda: print_report(summary, ci.platform(env) == "gitlab"))
     if env.get("GITHUB_STEP_SUMMARY"):
         guarded("writing the job summary", lambda: report.write_step_summary(summary, env["GITHUB_STEP_SUMMARY"]))
     if config.comment and config.dry_run:
@@ -173,6 +173,25 @@ def finish(config: Config, env: dict, cwd: str, plan: Plan, status: int, cancell
         log.error("--strict: delivery to Studio failed, so livesend exits 3 although the command succeeded")
         return 3
     return status
+
+
+def gitlab_section(edge: str, name: str, header: str = "") -> str:
+    """A GitLab log section marker (a collapsible part of the job log)."""
+    return f"\033[0Ksection_{edge}:{int(time.time())}:{name}\r\033[0K{header}\n"
+
+
+def print_report(summary: report.Report, gitlab: bool) -> None:
+    """The short text report on stderr; in a GitLab job, as its own log section."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    sys.stderr.flush()
+    if gitlab:
+        sys.stderr.write(gitlab_section("start", "livesend_summary", "livesend: summary"))
+    for line in report.render_text(summary).splitlines():
+        log.info("%s", line)
+    if gitlab:
+        sys.stderr.write(gitlab_section("end", "livesend_summary"))
+    sys.stderr.flush()
 
 
 def guarded(what: str, action):
