@@ -170,18 +170,16 @@ def _sample(f, size: int, columns: _Columns, name: str, max_points: int) -> Seri
     return Series(name, [p[0] for p in kept], [p[1] for p in kept], rows=rows, sampled=True)
 
 
-def plotted_metrics(live_dir: str, max_series: int = MAX_SERIES) -> tuple[dict, int]:
+def plotted_metrics(live_dir: str, tree_root: str, max_series: int = MAX_SERIES) -> tuple[dict, int]:
     """({metric name: Series} of <live_dir>/plots/metrics/**/*.tsv in name order, files not read
-    because there were more than `max_series`)."""
-    root = os.path.join(live_dir, "plots", "metrics")
-    found: list = []
-    for top, dirs, files in os.walk(root):
-        dirs.sort()
-        for file in files:
-            if file.endswith(".tsv"):
-                path = os.path.join(top, file)
-                found.append((os.path.relpath(path, root)[: -len(".tsv")].replace(os.sep, "/"), path))
-    found.sort()
+    because there were more than `max_series`). Listed as the sender lists them: links out of the
+    working tree are not read."""
+    from livesend.reader import Warnings, scan
+
+    prefix = "plots/metrics/"
+    listing = scan(live_dir, "", tree_root, Warnings(quiet=True))  # the sender warned already
+    found = sorted((key[len(prefix):-len(".tsv")], path) for key, (path, _) in listing.tsvs.items()
+                   if key.startswith(prefix) and key.endswith(".tsv"))
     out = {}
     for name, path in found[:max_series]:
         series = read_series(path, name)

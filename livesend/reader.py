@@ -32,15 +32,17 @@ READ_BUDGET = 4_000_000  # bytes of TSV read per file per request round: bounds 
 
 
 class Warnings:
-    """Say each distinct problem once."""
+    """Say each distinct problem once (or never, for a second reader of what the sender already read)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self._said: set = set()
+        self.quiet = quiet
 
     def once(self, key: Any, message: str, *args: Any) -> None:
         if key not in self._said:
             self._said.add(key)
-            log.warning(message, *args)
+            if not self.quiet:
+                log.warning(message, *args)
 
     def forget(self, key: Any) -> None:
         self._said.discard(key)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 import yaml
 
 from livesend import ci, history
+from livesend.reader import allowed_root, inside
 from livesend.charts import mermaid_line_chart, sparkline
 
 log = logging.getLogger("livesend")
@@ -137,11 +138,19 @@ def _load(path: str, parse: Callable[[str], Any]) -> Any:
         return None
 
 
-def read_section(live_dir: str, cwd: str, name: str, stats: Optional[list] = None) -> Section:
+def read_section(live_dir: str, cwd: str, name: str, stats: Optional[list] = None,
+                 tree_root: Optional[str] = None) -> Section:
     path = os.path.join(cwd, live_dir)
-    metrics = _load(os.path.join(path, "metrics.json"), json.loads)
-    params = _load(os.path.join(path, "params.yaml"), yaml.safe_load)
-    series, unread = history.plotted_metrics(path)
+    tree_root = tree_root or os.path.realpath(cwd)
+    allowed = allowed_root(path, tree_root)  # what the sender may read: a file linked out of it never is
+
+    def load(file: str, parse: Callable[[str], Any]) -> Any:
+        full = os.path.join(path, file)
+        return _load(full, parse) if allowed and inside(os.path.realpath(full), allowed) else None
+
+    metrics = load("metrics.json", json.loads)
+    params = load("params.yaml", yaml.safe_load)
+    series, unread = history.plotted_metrics(path, tree_root) if allowed else ({}, 0)
     section = Section(dir=live_dir, name=stats[-1].name if stats else name, series=series, unread_series=unread)
     if isinstance(metrics, dict):
         step = metrics.get("step")
@@ -176,12 +185,13 @@ def build(status: int, endpoint_host: str, experiments: list, dirs: list, cwd: s
     """The report of a finished run. `groups`: the Stats of each directory (in `dirs` order);
     `names`: the experiment name of each directory (when nothing was sent)."""
     sections = []
+    tree_root = ci.git_root(cwd, env) or os.path.realpath(cwd)
     for i, live_dir in enumerate(dirs):
         stats = groups[i] if groups and i < len(groups) else None
         name = names[i] if names and i < len(names) else identity.get("name", "")
         if stats is None and len(dirs) == 1:
             stats = experiments or None
-        sections.append(read_section(live_dir, cwd, name, stats))
+        sections.append(read_section(live_dir, cwd, name, stats, tree_root))
     return Report(
         **identity,
         status=status,

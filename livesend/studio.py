@@ -149,7 +149,7 @@ def tsv_entries(key: str, row_jsons: Sequence[str], ends: Sequence[int], max_ent
     them (the JSON of the list of rows). Each entry acknowledges the byte offset after its last row.
     The reader bounds a line's length, so one row always fits in an entry."""
     pending: list[str] = []
-    size = 2  # "[]"
+    size, last_end = 2, 0  # "[]"
     for rj, end in zip(row_jsons, ends):
         add = len(rj) + (2 if pending else 0)
         if pending and size + add > max_entry:

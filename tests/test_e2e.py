@@ -4,7 +4,6 @@ Studio server, which validates every body with dvc-studio-client's schema."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, TOKEN, clean_env, git, livesend_cmd, run_livesend, wait_until
+from conftest import EXAMPLES, TOKEN, clean_env, git, livesend_cmd, run_livesend
 from dvclive_files import disk_state, received_state, shape
 
 TRAIN = [sys.executable, str(EXAMPLES / "train.py")]

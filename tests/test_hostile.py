@@ -14,7 +14,7 @@ from pathlib import Path
 import harness
 import psutil
 from conftest import EXAMPLES
-from dvclive_files import disk_state, received_state
+from dvclive_files import received_state
 
 PRODUCER = f"""
 import os, pathlib, runpy, sys
@@ -80,6 +80,7 @@ def test_hostile_files_warn_once_and_everything_else_flows(studio, repo, tmp_pat
     # never uploaded: a file outside the repository, an image over Studio's 10 MB limit
     assert not any("outside" in key for key in plots)
     assert all("424242" not in str(body) for body in studio.accepted)
+    assert "424242" not in str(outcome.report)  # nor in the report (job summary, PR comment)
     assert set(got["images"]) == {"extra/plots/images/small.png"}
     assert got["images"]["extra/plots/images/small.png"] == base64.b64encode((repo / "extra/plots/images/small.png").read_bytes()).decode()
     # the invalid metrics.json was never sent; the params were

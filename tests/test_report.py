@@ -310,9 +310,9 @@ def test_history_finds_nested_plots(tmp_path):
     for name in ("b/loss", "a/z/acc", "c"):
         write_tsv(tmp_path / "plots" / "metrics" / f"{name}.tsv", name.rsplit("/", 1)[-1], [(0, 1.0), (1, 2.0)])
     (tmp_path / "plots" / "metrics" / "notes.txt").write_text("x")
-    found, unread = history.plotted_metrics(str(tmp_path))
+    found, unread = history.plotted_metrics(str(tmp_path), str(tmp_path))
     assert list(found) == ["a/z/acc", "b/loss", "c"] and unread == 0
-    found, unread = history.plotted_metrics(str(tmp_path), max_series=2)
+    found, unread = history.plotted_metrics(str(tmp_path), str(tmp_path), max_series=2)
     assert len(found) == 2 and unread == 1
 
 
