@@ -193,7 +193,9 @@ class Bench:
                                    DVC_STUDIO_REPO_URL=REPO_URL, DVC_EXP_NAME=name)
         wrapped = [sys.executable, "-m", "livesend", "run", "--interval", str(interval or self.interval),
                    "--name", name, "--repo-url", REPO_URL, "--", *argv]
-        return wrapped, clean_env(STUDIO_TOKEN=TOKEN, STUDIO_ENDPOINT=self.server.url)
+        # this checkout's livesend, whatever an editable install elsewhere on the machine points to
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        return wrapped, clean_env(STUDIO_TOKEN=TOKEN, STUDIO_ENDPOINT=self.server.url, PYTHONPATH=path)
 
     def name(self, variant: str, what: str) -> str:
         self.count += 1
@@ -240,13 +242,15 @@ class Bench:
 # --- the sections --------------------------------------------------------------------------------------
 
 
-def overhead(bench: Bench, steps: list, metrics: int, work: int, repeats: int, long_repeats: int) -> dict:
+def overhead(bench: Bench, steps: list, metrics: int, work: int, repeats: int, long_repeats: int,
+             rotate: bool) -> dict:
     out = {}
     for n in steps:
         rounds = long_repeats if n >= 20_000 else repeats
         runs: dict = {v: [] for v in VARIANTS}
         for r in range(rounds):
-            for variant in VARIANTS:
+            order = VARIANTS[r % 3:] + VARIANTS[:r % 3] if rotate else VARIANTS  # ABC BCA CAB: no seat is favoured
+            for variant in order:
                 run = bench.run(variant, f"n{n}", ["train", "--steps", str(n), "--metrics", str(metrics),
                                                    "--work", str(work)])
                 runs[variant].append(run)
@@ -543,6 +547,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--work", type=int, default=20_000, help="CPU work per step: multiply-adds (default 20000)")
     parser.add_argument("--repeats", type=int, help="interleaved rounds per N (default 3)")
     parser.add_argument("--long-repeats", type=int, help="rounds for N >= 20000 (default 1: each run takes minutes)")
+    parser.add_argument("--order", choices=("fixed", "rotate"), default="fixed",
+                        help="fixed: A B C, A B C, ...; rotate: A B C, B C A, C A B, ... (default fixed)")
     parser.add_argument("--interval", type=float, default=1.0, help="livesend's --interval (default 1, its default)")
     parser.add_argument("--sizes", help="history sizes in rows for the scaling section (default 1000,...,1000000)")
     parser.add_argument("--idle-seconds", type=float, help="length of the idle window (default 30)")
@@ -569,7 +575,8 @@ def main(argv: Optional[list] = None) -> int:
         if "overhead" in sections:
             say("1. training overhead")
             results["overhead_params"] = {"metrics": args.metrics, "work": args.work}
-            results["overhead"] = overhead(bench, steps, args.metrics, args.work, repeats, long_repeats)
+            results["overhead"] = overhead(bench, steps, args.metrics, args.work, repeats, long_repeats,
+                                           args.order == "rotate")
         if "freshness" in sections:
             say("2. freshness")
             f = {"steps": 40 if q else 400, "metrics": args.metrics, "work": 500_000, "rounds": 1 if q else 2}

@@ -79,14 +79,22 @@ class Experiment:
 
 
 class Watcher:
-    """Sets `wake` when something under `path` changes; polls for the path while it does not exist."""
+    """Sets `wake` when something under `path` changes, then stops watching until `arm()`: a training
+    writes thousands of events a second, and reading them while the session waits out its interval
+    was most of livesend's CPU. Polls for the path while it does not exist."""
 
     def __init__(self, path: str, wake: threading.Event, stop: threading.Event) -> None:
         self.path, self.wake, self.stop = path, wake, stop
+        self.armed = threading.Event()
+        self.armed.set()
         self.thread = threading.Thread(target=self._run, name=f"livesend-watch-{os.path.basename(path)}", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    def arm(self) -> None:
+        """Watch again (the session calls this before it reads, so a change during the read wakes it)."""
+        self.armed.set()
 
     def _run(self) -> None:
         try:
@@ -100,13 +108,18 @@ class Watcher:
                 if os.path.isdir(self.path):
                     self.wake.set()
                 continue
+            self.armed.wait()
+            if self.stop.is_set():
+                return
             try:
                 for _changes in watchfiles.watch(
                     self.path, watch_filter=None, debounce=50, step=20, stop_event=self.stop,
                     rust_timeout=1000, yield_on_timeout=True, raise_interrupt=False, ignore_permission_denied=True,
                 ):
                     if _changes:
+                        self.armed.clear()  # before waking the session, whose arm() must not be lost
                         self.wake.set()
+                        break
                     if not os.path.isdir(self.path):
                         break
             except Exception as exc:  # noqa: BLE001 - e.g. inotify limits: fall back to the safety poll
@@ -167,6 +180,7 @@ class Session(threading.Thread):
                       self.live_key, exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
             self.stop_watch.set()
+            self.watcher.arm()  # lets the watcher see the stop
 
     def _loop(self) -> None:
         last = -1e9
@@ -179,6 +193,7 @@ class Session(threading.Thread):
             if gap > 0 and self.ended.wait(gap):
                 return
             last = self.clock()
+            self.watcher.arm()
             outcome = self.sync(final=False)
             if outcome is not None and outcome.kind == "retry":
                 if self.ended.wait(self._retry_delay(outcome)):
