@@ -25,6 +25,16 @@ def spawn(cwd: Path, studio, *args: str) -> subprocess.Popen:
     )
 
 
+def signal_once_streaming(proc: subprocess.Popen, studio, signum: int, data_events: int = 1) -> str:
+    """Send `signum` to livesend once Studio has data events, wait for it to end; its stderr."""
+    try:
+        assert studio.wait_for(lambda s: s.count("data") >= data_events)
+        proc.send_signal(signum)
+        return proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+
+
 def assert_all_valid(studio) -> None:
     assert studio.invalid == [], [r.error for r in studio.invalid]
 
@@ -228,12 +238,7 @@ def test_signals_are_forwarded_and_the_experiment_is_done(studio, repo, signum):
         "sys.exit(7)\n"
     )
     proc = spawn(repo, studio, "--interval", "0.1", "--", sys.executable, "slow.py")
-    try:
-        assert studio.wait_for(lambda s: s.count("data") >= 2)
-        proc.send_signal(signum)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    err = signal_once_streaming(proc, studio, signum, data_events=2)
     assert (repo / "got").read_text() == str(int(signum))
     assert proc.returncode == 7, err
     assert studio.count("done") == 1
@@ -248,12 +253,7 @@ def test_signal_that_kills_the_command_gives_128_plus_n(studio, repo):
         "while True: time.sleep(0.05)\n"
     )
     proc = spawn(repo, studio, "--interval", "0.1", "--", sys.executable, "plain.py")
-    try:
-        assert studio.wait_for(lambda s: s.count("data") >= 1)
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    signal_once_streaming(proc, studio, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM
     assert studio.count("done") == 1
 
