@@ -214,6 +214,7 @@ def test_one_gigabyte_tsv_is_streamed_with_bounded_memory(studio, repo):
     outcome = harness.finish(proc, repo)
     sampler.join()
     assert outcome.returncode == 0, outcome.stderr
+    print(f"1 GiB TSV: livesend peak RSS {peak['rss'] / 2**20:.1f} MB")
     assert peak["rss"] < 100 * 2**20, f"peak RSS {peak['rss'] / 2**20:.0f} MB"
     rows = received_state(studio.accepted, "g-extra")["plots"]["extra/plots/metrics/huge.tsv"]
     assert [r["step"] for r in rows[1:]] == [1]  # the cut giant line, then the row after it
