@@ -34,6 +34,7 @@ import pytest
 import yaml
 from conftest import EXAMPLES, ROOT, TOKEN, clean_env, git
 from dvclive_files import disk_state, received_state
+from test_comment import WRITE, Forge
 
 import livesend
 
@@ -45,6 +46,8 @@ EXAMPLE = ROOT / "examples" / "gitlab" / ".gitlab-ci.yml"
 PROJECT_URL = "https://gitlab.example.com/acme/ml"
 JOB_TOKEN = "glcbt-JOBTOKEN-5e4d3c2b1a"  # what GitLab writes into the clone's `origin` URL
 ORIGIN = f"https://gitlab-ci-token:{JOB_TOKEN}@gitlab.example.com/acme/ml.git"
+
+ARTIFACTS = "livesend: the job artifacts keep the DVCLive files, also when the job fails (job page > Job artifacts)"
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -236,9 +239,10 @@ class Pipeline:
 
 
 def run_pipeline(gcl: Path, project: Path, venv: Path, variables: dict, token: str | None = TOKEN,
-                 overridden: tuple = ()) -> Pipeline:
+                 overridden: tuple = (), masked: dict | None = None) -> Pipeline:
     """`gitlab-ci-local --force-shell-executor` in `project`. `variables` are project CI/CD variables
-    (a variables file); `overridden` names predefined variables among them that we set on purpose."""
+    (a variables file); `overridden` names predefined variables among them that we set on purpose;
+    `masked` are more masked variables, passed like the token through the environment."""
     (project / ".gitlab-ci-local-variables.yml").write_text(yaml.safe_dump(
         # explicit `type: variable`: a bare value that is an existing path would become a file variable
         {key: {"type": "variable", "values": {"*": str(value)}} for key, value in variables.items()}
@@ -249,6 +253,7 @@ def run_pipeline(gcl: Path, project: Path, venv: Path, variables: dict, token: s
     )
     if token is not None:
         env["STUDIO_TOKEN"] = token
+    env.update(masked or {})
     home = project.parent / "gcl-home"
     home.mkdir(exist_ok=True)
     result = subprocess.run(
@@ -269,14 +274,14 @@ def job_variables(studio, wheel: Path, **more) -> dict:
 
 
 def assert_no_secret(run: Pipeline, studio) -> None:
-    """Neither the Studio token nor the job token in the log, in any file the run wrote, or (the job
-    token) in anything sent to Studio."""
-    assert TOKEN not in run.everything
-    assert JOB_TOKEN not in run.everything
+    """Neither the Studio token, the merge request note token nor the job token in the log, in any file
+    the run wrote, or (the job token) in anything sent to Studio."""
+    for secret in (TOKEN, WRITE, JOB_TOKEN):
+        assert secret not in run.everything
     for path in run.project.rglob("*"):
         if path.is_file() and ".git" not in path.relative_to(run.project).parts:
             data = path.read_bytes()
-            assert TOKEN.encode() not in data, path
+            assert TOKEN.encode() not in data and WRITE.encode() not in data, path
     assert JOB_TOKEN not in repr([r.body for r in studio.received])
 
 
@@ -303,9 +308,22 @@ def job_name(run: Pipeline, job: str = "train") -> str:
 
 
 def assert_sections(log: str) -> None:
-    """The collapsible sections (gitlab-ci-local shows a section as `<name>_started` ... `took`)."""
+    """The collapsible sections (gitlab-ci-local shows a section as `<name>_started` ... `took`): the
+    script's install section, then livesend's own summary and, after it, the script's artifacts line."""
     assert "livesend_install_started" in log and "livesend_install took" in log
     assert "livesend_summary_started" in log and "livesend_summary took" in log
+    assert log.count("livesend_summary_started") == 1
+    assert log.index("livesend_install took") < log.index("livesend_summary_started")
+    assert log.index("livesend_summary took") < log.index(ARTIFACTS)
+
+
+def assert_report(log: str, outcome: str, name: str) -> None:
+    """livesend's own end-of-run report in the job log: outcome, delivery, metrics, the commit command."""
+    assert f"livesend: the command {outcome}." in log
+    assert re.search(rf"livesend: experiment {re.escape(name)}: \d+ data events sent to 127\.0\.0\.1:\d+, 0 failed; "
+                     r".*; done\.", log)
+    assert "livesend: results in dvclive at step" in log
+    assert f"git add dvclive dvc.yaml && git commit -m 'Results of {name}' && git push" in log
 
 
 def assert_artifacts(run: Pipeline, job: str = "train") -> None:
@@ -343,9 +361,7 @@ def test_hidden_job_streams_a_real_training(gitlab_ci_local, wheel, venv, studio
     assert "trained 12 epochs" in log
     assert_streamed(studio, project, job_name(run), git(project, "rev-parse", "HEAD"))
     assert_sections(log)
-    assert "the training succeeded; the job exits with status 0." in log
-    assert f"repository {PROJECT_URL}" in log
-    assert "git add dvclive dvc.yaml" in log
+    assert_report(log, "succeeded", job_name(run))
     assert "live metrics are off" not in log
     assert_artifacts(run)
     assert_no_secret(run, studio)
@@ -362,7 +378,8 @@ def test_failed_training_fails_the_job_and_keeps_artifacts(gitlab_ci_local, whee
     assert "FAIL 1" in run.output and "FAIL  train" in run.output
     log = run.logs["train"]
     assert "trained 6 epochs" in log
-    assert "the training failed with exit status 1; the job exits with status 1." in log
+    assert_report(log, "failed with exit status 1", job_name(run))
+    assert "livesend: The command failed: the results of such a run are worth keeping too" in log
     assert_streamed(studio, project, job_name(run), git(project, "rev-parse", "HEAD"))
     assert_artifacts(run)  # `when: always`
     assert_no_secret(run, studio)
@@ -377,7 +394,8 @@ def test_without_token_trains_with_one_warning(gitlab_ci_local, wheel, venv, stu
     log = run.logs["train"]
     assert "trained 4 epochs" in log
     assert log.count("live metrics are off") == 1
-    assert "livesend reported 1 warning(s) and 0 error(s) above." in log
+    assert "livesend: no DVCLive output was sent to Studio (live metrics were off)." in log
+    assert "livesend:   git add dvclive dvc.yaml && git commit -m 'Results of train-" in log
     assert studio.received == []
     assert_artifacts(run)
 
@@ -403,7 +421,7 @@ include:
       run: {run}
       install: {install}
       interval: 0.2
-      message: component run
+      message: component run{more}
 
 train:
   before_script:
@@ -411,34 +429,48 @@ train:
 """
 
 
-@pytest.mark.parametrize("form, exit_code", [("self-test", 0), ("release", 1)])
-def test_component_streams_a_real_training(gitlab_ci_local, wheel, venv, studio, tmp_path, git_host, form, exit_code):
+@pytest.mark.parametrize("form, exit_code, comment", [("self-test", 0, True), ("release", 1, False)])
+def test_component_streams_a_real_training(gitlab_ci_local, wheel, venv, studio, tmp_path, git_host, form, exit_code,
+                                           comment):
     """self-test: the project includes its own component at the commit being built (GitLab's documented
-    pattern). release: another project includes it from acme/livesend at the release tag, fetched over
-    HTTP from the loopback Git host."""
+    pattern), with `comment: true`. release: another project includes it from acme/livesend at the
+    release tag, fetched over HTTP from the loopback Git host, and leaves `comment` at its default.
+    Both run in a merge request pipeline with LIVESEND_GITLAB_TOKEN, against a loopback GitLab API:
+    only the first posts the merge request note."""
     run_cmd = f"python train.py --epochs 8 --image-every 4 --exit-code {exit_code}"
+    more = "\n      comment: true" if comment else ""
     if form == "self-test":
         pipeline = COMPONENT_PIPELINE.format(component="$CI_SERVER_FQDN/$CI_PROJECT_PATH/livesend@$CI_COMMIT_SHA",
-                                             run=run_cmd, install=wheel)
+                                             run=run_cmd, install=wheel, more=more)
         project = make_project(tmp_path, pipeline, {"templates/livesend.yml": COMPONENT.read_text()})
-        project_url = PROJECT_URL
     else:
         pipeline = COMPONENT_PIPELINE.format(
-            component=f"$CI_SERVER_FQDN/acme/livesend/livesend@v{livesend.__version__}", run=run_cmd, install=wheel)
+            component=f"$CI_SERVER_FQDN/acme/livesend/livesend@v{livesend.__version__}", run=run_cmd, install=wheel,
+            more=more)
         project = make_project(tmp_path, pipeline, origin=git_host.origin("acme/ml"))
-        project_url = git_host.project_url("acme/ml")
-    variables = job_variables(studio, wheel)
-    del variables["LIVESEND_INSTALL"], variables["LIVESEND_INTERVAL"]  # inputs this time
-    run = run_pipeline(gitlab_ci_local, project, venv, variables)
+    with Forge() as forge:
+        project_url = f"{forge.url}/gl/acme/ml"  # as on GitLab, CI_PROJECT_URL is CI_SERVER_URL/<project path>
+        variables = job_variables(studio, wheel, CI_SERVER_URL=f"{forge.url}/gl", CI_PROJECT_ID="42",
+                                  CI_MERGE_REQUEST_IID="5")
+        del variables["LIVESEND_INSTALL"], variables["LIVESEND_INTERVAL"]  # inputs this time
+        run = run_pipeline(gitlab_ci_local, project, venv, variables, overridden=("CI_SERVER_URL", "CI_PROJECT_ID"),
+                           masked={"LIVESEND_GITLAB_TOKEN": WRITE})
     log = run.logs["train"]
     assert "trained 8 epochs" in log
     if exit_code:
         assert run.returncode != 0 and "FAIL 1" in run.output
-        assert "the training failed with exit status 1; the job exits with status 1." in log
+        assert_report(log, "failed with exit status 1", job_name(run))
     else:
         assert run.returncode == 0, run.output
         assert "PASS  train" in run.output
-        assert "the training succeeded; the job exits with status 0." in log
+        assert_report(log, "succeeded", job_name(run))
+    if comment:
+        assert "livesend: --comment: created the report note on merge request !5" in log
+        (note,) = forge.notes[("42", 5)]
+        assert note["body"].startswith("<!-- livesend:train -->\n") and f"`{job_name(run)}`" in note["body"]
+        assert {token for _, _, token in forge.requests} == {WRITE}
+    else:
+        assert forge.requests == [] and "--comment" not in log
     assert_streamed(studio, project, job_name(run), git(project, "rev-parse", "HEAD"), project_url)
     assert {b.get("message") for b in studio.accepted if b["type"] == "start"} == {"component run"}
     assert_sections(log)

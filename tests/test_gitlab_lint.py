@@ -109,7 +109,7 @@ def test_token_is_never_an_input():
     for name, spec in inputs.items():
         assert spec.get("description"), f"input {name} is undocumented"
     assert {inputs[n].get("type") for n in ("interval", "flush-timeout")} == {"number"}
-    assert inputs["strict"].get("type") == "boolean"
+    assert inputs["strict"].get("type") == inputs["comment"].get("type") == "boolean"
 
 
 def test_default_version_matches_the_package():
@@ -131,5 +131,6 @@ def test_default_version_matches_the_package():
 @pytest.mark.parametrize("path", [TEMPLATE, COMPONENT, EXAMPLE], ids=lambda p: p.name)
 def test_no_secret_in_the_files(path):
     text = path.read_text()
-    assert not re.search(r"STUDIO_TOKEN\s*:", text), "the token is a masked CI/CD variable, never YAML"
+    for token in ("STUDIO_TOKEN", "LIVESEND_GITLAB_TOKEN", "LIVESEND_GITHUB_TOKEN"):
+        assert not re.search(rf"{token}\s*:", text), f"{token} is a masked CI/CD variable, never YAML"
     assert "set -x" not in text
