@@ -113,7 +113,7 @@ class Watcher:
                 return
             try:
                 for _changes in watchfiles.watch(
-                    self.path, watch_filter=None, debounce=50, step=20, stop_event=self.stop,
+                    self.path, watch_filter=None, debounce=50, step=50, stop_event=self.stop,
                     rust_timeout=1000, yield_on_timeout=True, raise_interrupt=False, ignore_permission_denied=True,
                 ):
                     if _changes:
