@@ -74,6 +74,11 @@ class BenchServer(StudioServer):
 
     def __init__(self) -> None:
         super().__init__(token=TOKEN)
+        # The test server writes a response's headers and body in two sends; with Nagle's algorithm on, a
+        # client that keeps its connection (livesend) then waits ~40 ms for the delayed ACK on every request
+        # (one that opens a connection per request, as DVCLive does, does not). Studio does not: turn it off.
+        self.httpd.RequestHandlerClass = type("Handler", (self.httpd.RequestHandlerClass,),
+                                              {"disable_nagle_algorithm": True})
         self.hits: list[Hit] = []
         self.rows: dict[str, int] = {}  # accepted plot rows per experiment name
 
@@ -126,7 +131,7 @@ def make_repo(path: Path) -> Path:
 class Sampler(threading.Thread):
     """Follows one process: its own CPU seconds (user + system, psutil) and its peak RSS (VmHWM)."""
 
-    def __init__(self, pid: int, every: float = 0.05) -> None:
+    def __init__(self, pid: int, every: float = 1.0) -> None:  # VmHWM is a high-water mark: few samples do
         super().__init__(daemon=True)
         self.proc = psutil.Process(pid)
         self.every = every
@@ -153,6 +158,11 @@ class Sampler(threading.Thread):
         self.stopped.set()
 
 
+def _own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # children that ended, and their descendants
     return usage.ru_utime + usage.ru_stime
@@ -177,6 +187,7 @@ class Run:
     timing: dict  # measured inside the training process
     returncode: int
     cpu: float = 0.0  # CPU seconds of the whole command: the training, and livesend when it wraps it
+    server_cpu: float = 0.0  # CPU seconds of the bench process meanwhile: the loopback Studio, mostly
     livesend_cpu: Optional[float] = None  # livesend's own: the command's CPU minus the training's
     livesend_peak_rss: Optional[int] = None
     requests: int = 0
@@ -218,6 +229,7 @@ class Bench:
         argv, env = self.command(variant, name, [*workload, "--timing", str(timing)], interval)
         log = open(repo / f".log-{name}.txt", "w")
         self.children_cpu = _children_cpu()  # runs are one at a time: the difference is this command's
+        self.own_cpu = _own_cpu()
         began = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
         sampler = Sampler(proc.pid) if variant == "livesend" else None
@@ -233,6 +245,7 @@ class Bench:
         wall = time.perf_counter() - began
         run = Run(variant, name, wall, json.loads(timing.read_text()) if timing.exists() else {}, proc.returncode)
         run.cpu = _children_cpu() - self.children_cpu
+        run.server_cpu = _own_cpu() - self.own_cpu
         if proc.returncode != 0:
             raise SystemExit(f"bench: {name} exited {proc.returncode}; see {log.name}")
         if sampler:
@@ -325,14 +338,18 @@ def scaling(bench: Bench, sizes: list, metrics: int, updates: int, period: float
         events = sum(1 for h in data if h.docs)
         result = {
             "rows": size, "delivered": ok and run.rows >= total,
-            "backlog_s": last - began_wall, "backlog_requests": sum(1 for h in backlog_hits if h.type == "data"),
+            "backlog_s": last - began_wall,
+            "first_request_s": min((h.time for h in backlog_hits), default=last) - began_wall,
+            "backlog_requests": sum(1 for h in backlog_hits if h.type == "data"),
             "backlog_cpu_s": backlog_cpu, "peak_rss": backlog_rss, "peak_rss_run": run.livesend_peak_rss,
             "updates": events, "cpu_per_update_ms": 1000 * phase_cpu / events if events else None,
             "bytes_per_request": statistics.mean(h.size for h in data) if data else None,
             "bytes_metrics_post": statistics.mean([h.size for h in data if h.docs] or [0]),
             "bytes_plots_post": statistics.mean([h.size for h in data if not h.docs] or [0]),
         }
-        result["backlog_rps"] = result["backlog_requests"] / result["backlog_s"] if result["backlog_s"] > 0 else None
+        sending = result["backlog_s"] - result["first_request_s"]  # from the first request to the last row
+        result["backlog_rps"] = result["backlog_requests"] / sending if sending > 0 else None
+        result["backlog_rows_per_s"] = size / sending if sending > 0 else None
         out.append(result)
         say(f"  {size:>9} rows of history: backlog {result['backlog_s']:.2f} s, {result['backlog_requests']} requests, "
             f"peak RSS {backlog_rss / 2**20:.1f} MB; {events} updates at "
@@ -420,6 +437,7 @@ def ratio_rows(over: dict) -> list:
             "requests": {v: median(lambda r: r.requests, v) for v in VARIANTS},
             "rows": {v: min(r.rows for r in runs[v]) for v in VARIANTS},
             "livesend_cpu": median(lambda r: r.livesend_cpu or 0.0, "livesend"),
+            "server_cpu": {v: median(lambda r: r.server_cpu, v) for v in VARIANTS},
         })
     return rows
 
@@ -449,17 +467,21 @@ def overhead_report(results: dict, args) -> list:
         "other load): the training process (every thread: DVCLive's posting thread is in it), plus livesend's own "
         "process when it wraps the command. This is what the Studio posting takes from the machine: on a machine "
         "with no spare core it is what the training would lose. livesend's share is also given as a percentage of "
-        "the no-Studio training time. Command time = the whole command as the CI job sees it (livesend: also its "
-        "start-up and its flush after the command).", "",
+        "the no-Studio training time. Server = CPU of the bench process meanwhile, nearly all of it the loopback "
+        "Studio answering (a real Studio is elsewhere; on this 2-core machine it competes with the training). "
+        "Command time = the whole command as the CI job sees it (livesend: also its start-up and its flush after "
+        "the command).", "",
         "| N | no Studio CPU (s) | DVCLive's own CPU (s) | ratio | livesend + training CPU (s) | ratio | "
-        "livesend alone (s) | livesend alone / training time | command: DVCLive | command: livesend |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "livesend alone (s) | livesend alone / training time | server: DVCLive (s) | server: livesend (s) | "
+        "command: DVCLive | command: livesend |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
-        c, cr, w = row["cpu"], row["cpu_ratio"], row["wall_ratio"]
+        c, cr, w, sv = row["cpu"], row["cpu_ratio"], row["wall_ratio"], row["server_cpu"]
         lines.append(f"| {row['n']:,} | {c['none']:.2f} | {c['dvclive']:.2f} | {pct(cr['dvclive'])} | "
                      f"{c['livesend']:.2f} | {pct(cr['livesend'])} | {row['livesend_cpu']:.2f} | "
-                     f"{row['livesend_cpu'] / row['seconds']['none']:.2%} | {pct(w['dvclive'])} | {pct(w['livesend'])} |")
+                     f"{row['livesend_cpu'] / row['seconds']['none']:.2%} | {sv['dvclive']:.2f} | {sv['livesend']:.2f} | "
+                     f"{pct(w['dvclive'])} | {pct(w['livesend'])} |")
     lines += ["", "Requests made and plot rows delivered (every row of every run must arrive):", "",
               "| N | DVCLive's own: requests | rows | livesend: requests | rows | rows logged |",
               "|---|---|---|---|---|---|"]
@@ -517,14 +539,17 @@ def report(results: dict, args, command: str, seconds: float, load_end: tuple) -
             "interval than the default only to have more updates to average over; the cost of one update does not "
             "depend on it). Peak RSS is the kernel's high-water mark (VmHWM) of the livesend process; CPU is "
             "psutil's user + system time of the livesend process (not the command).", "",
-            "| history (rows) | backlog delivered in (s) | requests | requests/s | rows/s | peak RSS (MB) | "
-            "updates | CPU per update (ms) | bytes/request | metrics POST (B) | plots POST (B) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "Backlog time runs from livesend's start to the arrival of the last row; the first request goes out "
+            "after livesend's start-up and its first look at the directory (which, when nothing changes in it, is "
+            "the 2 s safety poll); requests/s and rows/s are over the time from the first request to the last row.", "",
+            "| history (rows) | backlog delivered in (s) | first request at (s) | requests | requests/s | rows/s | "
+            "peak RSS (MB) | updates | CPU per update (ms) | bytes/request | metrics POST (B) | plots POST (B) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["scaling"]:
             lines.append(
-                f"| {r['rows']:,} | {r['backlog_s']:.2f} | {r['backlog_requests']} | {fmt(r['backlog_rps'], '.1f')} | "
-                f"{r['rows'] / r['backlog_s']:,.0f} | {r['peak_rss'] / 2**20:.1f} | {r['updates']} | "
+                f"| {r['rows']:,} | {r['backlog_s']:.2f} | {r['first_request_s']:.2f} | {r['backlog_requests']} | {fmt(r['backlog_rps'], '.1f')} | "
+                f"{fmt(r['backlog_rows_per_s'], ',.0f')} | {r['peak_rss'] / 2**20:.1f} | {r['updates']} | "
                 f"{fmt(r['cpu_per_update_ms'])} | {fmt(r['bytes_per_request'], ',.0f')} | "
                 f"{r['bytes_metrics_post']:,.0f} | {r['bytes_plots_post']:,.0f} |"
                 + ("" if r["delivered"] else " **not all rows delivered** |"))
