@@ -241,15 +241,13 @@ class Session(threading.Thread):
     def sync(self, final: bool, deadline: Optional[float] = None) -> Optional[Outcome]:
         """Read what changed and send it; None when there was nothing to send or all of it went."""
         listing = reader.scan(self.live_dir, self.live_key, self.ctx.tree_root, self.warnings)
-        metrics_changed = self.metrics_doc.poll()
-        params_changed = self.params_doc.poll()
         if self._fresh_run(listing):
             self._close(self.clock() + max(5.0, self.ctx.interval * 5) if deadline is None else deadline)
             self.exp = self._new_experiment()
             self.metrics_doc.value = self.params_doc.value = None
             self.metrics_doc.stamp = self.params_doc.stamp = None
-            metrics_changed = self.metrics_doc.poll()
-            params_changed = self.params_doc.poll()
+        self.metrics_doc.poll()
+        self.params_doc.poll()
         present = listing.has_plots or self.metrics_doc.value is not None or self.params_doc.value is not None
         if not present:
             return None
@@ -261,7 +259,7 @@ class Session(threading.Thread):
             exp.stats.started = True  # a refused `start` is dropped like any refused request
         first_round = True
         while True:
-            requests, more = self._build(listing, final, first_round, metrics_changed or params_changed)
+            requests, more = self._build(listing, final, first_round)
             if not requests:
                 return None
             for request in requests:
@@ -296,7 +294,7 @@ class Session(threading.Thread):
             log.error("%s; dropping this %s request", outcome.detail, request.event)
         return outcome
 
-    def _build(self, listing: reader.Listing, final: bool, first_round: bool, docs_changed: bool):
+    def _build(self, listing: reader.Listing, final: bool, first_round: bool):
         """The requests of one round: the metrics POST (first round), then the plots POSTs."""
         exp = self.exp
         entries: list = []
