@@ -65,8 +65,10 @@ def test_soak_memory_flat_no_fd_growth_nothing_lost(studio, repo):
           f"growth {growth:+.1f} MB, fds {min(fds)}..{max(fds)}, requests {len(outcome.record)}")
     assert peak < 100, f"peak RSS {peak:.1f} MB"
     assert growth < 5, f"RSS grew {growth:.1f} MB in the second half of the run"
-    # No growth: the watcher re-opens its inotify descriptor now and then, so the count moves a little;
-    # a leak would climb. Compare the first and the last third of the run (not start-up, not clean-up).
+    # No growth: the watcher re-opens its inotify descriptors between wake-ups, so single samples jump by
+    # a few; a leak would make the typical count climb. Compare the medians of the first and the last
+    # third of the run (not start-up, not clean-up), and bound every sample.
     running = fds[len(fds) // 4 : len(fds) - max(2, len(fds) // 10)]
     first, last = running[: len(running) // 3], running[-(len(running) // 3) :]
-    assert max(last) <= max(first) + 1 and statistics.median(last) <= statistics.median(first) + 1, fds
+    assert statistics.median(last) <= statistics.median(first) + 1, fds
+    assert max(running) <= 16, fds
