@@ -23,7 +23,7 @@ from livesend.transport import Outcome, backoff
 log = logging.getLogger("livesend")
 
 SAFETY_POLL = 2.0  # seconds between rescans when no file event arrives
-ROUND_TSV_BUDGET = 1_000_000  # bytes of TSV per request round (bounds memory during a backlog)
+ROUND_TSV_BUDGET = 500_000  # bytes of TSV per request round (bounds memory during a backlog)
 ROUND_IMAGE_BUDGET = 24_000_000  # bytes of base64 images per request round
 DONE_RESERVE = 0.25  # share of the flush time kept for `done` (at most 3 s)
 
