@@ -188,6 +188,7 @@ class Run:
     returncode: int
     cpu: float = 0.0  # CPU seconds of the whole command: the training, and livesend when it wraps it
     server_cpu: float = 0.0  # CPU seconds of the bench process meanwhile: the loopback Studio, mostly
+    load: float = 0.0  # the 1-minute load average when the run ended (other work on the machine shows here)
     livesend_cpu: Optional[float] = None  # livesend's own: the command's CPU minus the training's
     livesend_peak_rss: Optional[int] = None
     requests: int = 0
@@ -246,6 +247,7 @@ class Bench:
         run = Run(variant, name, wall, json.loads(timing.read_text()) if timing.exists() else {}, proc.returncode)
         run.cpu = _children_cpu() - self.children_cpu
         run.server_cpu = _own_cpu() - self.own_cpu
+        run.load = os.getloadavg()[0]
         if proc.returncode != 0:
             raise SystemExit(f"bench: {name} exited {proc.returncode}; see {log.name}")
         if sampler:
@@ -279,7 +281,7 @@ def overhead(bench: Bench, steps: list, metrics: int, work: int, repeats: int, l
                                                    "--work", str(work)])
                 runs[variant].append(run)
                 say(f"  N={n} round {r + 1}/{rounds} {LABEL[variant]:22} training {run.timing['total']:8.2f} s"
-                    f"  command {run.wall:8.2f} s  requests {run.requests:6}  rows {run.rows}")
+                    f"  command {run.wall:8.2f} s  requests {run.requests:6}  rows {run.rows}  load {run.load:.2f}")
         out[n] = runs
     return out
 
@@ -432,6 +434,7 @@ def ratio_rows(over: dict) -> list:
             "paired": {v: statistics.median(r.timing["total"] / b.timing["total"] for r, b in zip(runs[v], runs["none"]))
                        for v in VARIANTS},
             "noise": (max(base) - min(base)) / med["none"] if len(base) > 1 else None,
+            "load": max(r.load for v in VARIANTS for r in runs[v]),
             "cpu": cpu, "cpu_ratio": {v: cpu[v] / cpu["none"] for v in VARIANTS},
             "wall": wall, "wall_ratio": {v: wall[v] / wall["none"] for v in VARIANTS},
             "requests": {v: median(lambda r: r.requests, v) for v in VARIANTS},
@@ -453,15 +456,16 @@ def overhead_report(results: dict, args) -> list:
         "medians. Ratio = median / median of no Studio; paired = median over rounds of the ratio within one round.", "",
         "**Training time**: measured inside the training process, from `Live()` to the end of `end()` (with "
         "DVCLive's own posting, `end()` waits for its queue and sends `done`). Noise = (max - min) / median of the "
-        "no-Studio runs.", "",
-        "| N | rounds | no Studio (s) | DVCLive's own (s) | ratio | paired | livesend (s) | ratio | paired | noise |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "no-Studio runs; load = the highest 1-minute load average at the end of a run (2 = both cores busy).", "",
+        "| N | rounds | no Studio (s) | DVCLive's own (s) | ratio | paired | livesend (s) | ratio | paired | noise | "
+        "load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         s, r, p = row["seconds"], row["ratio"], row["paired"]
         lines.append(f"| {row['n']:,} | {row['rounds']} | {s['none']:.2f} | {s['dvclive']:.2f} | {pct(r['dvclive'])} | "
                      f"{pct(p['dvclive'])} | {s['livesend']:.2f} | {pct(r['livesend'])} | {pct(p['livesend'])} | "
-                     f"{fmt(row['noise'], '.1%')} |")
+                     f"{fmt(row['noise'], '.1%')} | {row['load']:.1f} |")
     lines += [
         "", "**CPU time** (user + system, from the kernel's accounting of the finished command; hardly moved by "
         "other load): the training process (every thread: DVCLive's posting thread is in it), plus livesend's own "
