@@ -25,6 +25,17 @@ def spawn(cwd: Path, studio, *args: str) -> subprocess.Popen:
     )
 
 
+def release_when(proc: subprocess.Popen, repo: Path, ready) -> str:
+    """Run `ready()` (its assertions), then create `go`, which the command waits for, and wait for
+    livesend to end; its stderr."""
+    try:
+        ready()
+        (repo / "go").touch()
+        return proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+
+
 def signal_once_streaming(proc: subprocess.Popen, studio, signum: int, data_events: int = 1) -> str:
     """Send `signum` to livesend once Studio has data events, wait for it to end; its stderr."""
     try:
@@ -136,14 +147,13 @@ def test_torn_writes_are_never_sent(studio, repo):
         "(d / 'metrics.json').write_text(json.dumps({'loss': 0.25, 'step': 3}) + '\\n')\n"
     )
     proc = spawn(repo, studio, "--interval", "0.05", "--", sys.executable, "torn.py")
-    try:
+
+    def complete_rows_only() -> None:
         assert studio.wait_for(lambda s: len(received_state(s.accepted)["plots"].get("dvclive/plots/metrics/loss.tsv", [])) >= 3)
         seen = received_state(studio.accepted)["plots"]["dvclive/plots/metrics/loss.tsv"]
         assert seen == [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.75}, {"step": 2, "loss": 0.5}]
-        (repo / "go").touch()
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+
+    err = release_when(proc, repo, complete_rows_only)
     assert proc.returncode == 0, err
     assert_all_valid(studio)
     state = received_state(studio.accepted)
@@ -163,16 +173,17 @@ def test_directory_that_appears_late(studio, repo):
         f"sys.argv = ['train.py', '--epochs', '4']\nrunpy.run_path({str(EXAMPLES / 'train.py')!r}, run_name='__main__')\n"
     )
     proc = spawn(repo, studio, "--interval", "0.1", "--", sys.executable, "late.py")
-    try:
+
+    go: list = []
+
+    def nothing_yet() -> None:
         assert not (repo / "dvclive").exists() and studio.received == []  # no empty experiment at launch
-        go = time.time()
-        (repo / "go").touch()
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+        go.append(time.time())
+
+    err = release_when(proc, repo, nothing_yet)
     assert proc.returncode == 0, err
     assert studio.count("start") == 1 and studio.count("done") == 1
-    assert studio.received[0].time >= go
+    assert studio.received[0].time >= go[0]
     assert_delivered(studio, repo)
 
 
@@ -181,13 +192,12 @@ def test_fresh_run_in_same_directory_starts_a_new_experiment(studio, repo):
     first = f"{sys.executable} {EXAMPLES / 'train.py'} --epochs 5"
     command = ["bash", "-c", f"{first} && while [ ! -e go ]; do sleep 0.05; done && {second}"]
     proc = spawn(repo, studio, "--name", "fresh", "--interval", "0.1", "--", *command)
-    try:
-        key = "dvclive/plots/metrics/train/loss.tsv"
+    key = "dvclive/plots/metrics/train/loss.tsv"
+
+    def first_run_delivered() -> None:
         assert studio.wait_for(lambda s: len(received_state(s.accepted, "fresh")["plots"].get(key, [])) == 5)
-        (repo / "go").touch()
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+
+    err = release_when(proc, repo, first_run_delivered)
     assert proc.returncode == 0, err
     assert_all_valid(studio)
     assert [(b["type"], b["name"]) for b in studio.accepted if b["type"] != "data"] == [
