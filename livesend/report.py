@@ -181,11 +181,12 @@ def job_url(env: Mapping[str, str]) -> str:
 
 def build(status: int, endpoint_host: str, experiments: list, dirs: list, cwd: str, env: dict,
           live: bool = True, dry_run: bool = False, groups: Optional[list] = None, names: Optional[list] = None,
-          **identity) -> Report:
+          tree_root: Optional[str] = None, **identity) -> Report:
     """The report of a finished run. `groups`: the Stats of each directory (in `dirs` order);
-    `names`: the experiment name of each directory (when nothing was sent)."""
+    `names`: the experiment name of each directory (when nothing was sent); `tree_root`: the working
+    tree the sender kept to (found again when not given)."""
     sections = []
-    tree_root = ci.git_root(cwd, env) or os.path.realpath(cwd)
+    tree_root = tree_root or ci.git_root(cwd, env) or os.path.realpath(cwd)
     for i, live_dir in enumerate(dirs):
         stats = groups[i] if groups and i < len(groups) else None
         name = names[i] if names and i < len(names) else identity.get("name", "")

@@ -70,6 +70,7 @@ class Plan:
     baseline: str
     repo_url: str
     live: bool
+    tree_root: str  # the working tree: links that leave it are never read ("": not known)
     sessions: list = field(default_factory=list)
 
 
@@ -93,7 +94,8 @@ def prepare(config: Config, env: dict, cwd: str, stack: contextlib.ExitStack) ->
         log.warning("not in a Git repository with commits: the baseline commit is unknown (set --baseline-sha); "
                     "Studio will list this experiment as detached")
     name = config.name or ci.generate_name(env)
-    plan = Plan(name, experiment_names(name, config.dirs), baseline, repo_url or "", live)
+    plan = Plan(name, experiment_names(name, config.dirs), baseline, repo_url or "", live,
+                top or os.path.realpath(cwd))
     log.debug("experiment %s, baseline %s (%s), repo %s, endpoint %s", name, baseline, source, repo_url, config.endpoint)
     if not live:
         return plan
@@ -110,7 +112,7 @@ def prepare(config: Config, env: dict, cwd: str, stack: contextlib.ExitStack) ->
     stack.callback(transport.close)
     ctx = Context(
         cwd=cwd, repo_url=plan.repo_url, baseline_sha=baseline, dvc_root=ci.dvc_root(cwd, top), git_root=top,
-        tree_root=top or os.path.realpath(cwd), env=env, message=config.message, interval=config.interval,
+        tree_root=plan.tree_root, env=env, message=config.message, interval=config.interval,
     )
     plan.sessions = [Session(d, n, ctx, transport) for d, n in zip(config.dirs, plan.names)]
     return plan
@@ -130,7 +132,7 @@ def _run(config: Config, env: Mapping[str, str], problems: Problems) -> int:
             log.error("internal error while preparing live metrics (%s: %s); they are off, the command runs as usual",
                       type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             name = config.name or "run"
-            plan = Plan(name, experiment_names(name, config.dirs), NULL_SHA, "", False)
+            plan = Plan(name, experiment_names(name, config.dirs), NULL_SHA, "", False, "")
 
         command = Command(config.command, child_env(env, config.token, plan.name))
         try:
@@ -155,6 +157,7 @@ def finish(config: Config, env: dict, cwd: str, plan: Plan, status: int, cancell
         status, config.endpoint_host, experiments, config.dirs, cwd, env, plan.live, config.dry_run,
         groups=[session.stats for session in sessions] or None, names=plan.names, cancelled=cancelled,
         name=plan.name, baseline_sha=plan.baseline, repo_url=plan.repo_url, problems=problems.items,
+        tree_root=plan.tree_root or None,
     ))
     if summary is None:
         return status
