@@ -67,10 +67,11 @@ def received_state(bodies: list, name: str | None = None) -> dict:
     return state
 
 
-def shape(value):
-    """The types of a payload, recursively, for comparing two producers' payloads."""
+def leaf_types(value, path: str = "") -> set:
+    """{(path, type name)} of every leaf of a payload value (list items under `path[]`). Unlike a whole
+    document's shape, the union over a run does not depend on how many intermediate states were sent."""
     if isinstance(value, dict):
-        return {k: shape(v) for k, v in value.items()}
+        return {leaf for k, v in value.items() for leaf in leaf_types(v, f"{path}/{k}")}
     if isinstance(value, list):
-        return sorted({json.dumps(shape(v), sort_keys=True) for v in value})
-    return type(value).__name__
+        return {leaf for v in value for leaf in leaf_types(v, f"{path}[]")}
+    return {(path, type(value).__name__)}
