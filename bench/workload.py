@@ -2,7 +2,7 @@
 idle sections). It never talks to Studio itself unless DVCLive's own posting is switched on in its
 environment; it writes how long its parts took to a JSON file.
 
-    python bench/workload.py train  --steps N --metrics M --work W [--clock] --timing FILE
+    python bench/workload.py train  --steps N --metrics M --work W [--clock] [--parent-cpu] [--lean] --timing FILE
     python bench/workload.py resume --metrics M --updates U --period S --go FILE --timing FILE
     python bench/workload.py idle   --sleep S --timing FILE
 """
@@ -25,7 +25,25 @@ def burn(n: int) -> int:
     return total
 
 
+def parent_cpu() -> float:
+    """CPU seconds (user + system, every thread) of this process's parent so far: livesend, when it wraps
+    the training. Read at the training's start and end, it gives what livesend spent while the training ran."""
+    with open(f"/proc/{os.getppid()}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def without_the_idle_queue() -> None:
+    """DVCLive with Studio off still parses every TSV at every step and queues the *whole* parsed history
+    to a thread that drops it (dvclive 3.49: `Live.post_data_to_studio`). This keeps the parse and drops the
+    queue, to measure what the queue alone costs (the benchmark's `baseline` section)."""
+    Live.post_data_to_studio = lambda self: self._get_live_data()
+
+
 def train(args) -> dict:
+    if args.lean:
+        without_the_idle_queue()
+    before = parent_cpu() if args.parent_cpu else None
     t0 = time.perf_counter()
     with Live("dvclive", save_dvc_exp=False) as live:
         live.log_params({"steps": args.steps, "metrics": args.metrics, "work": args.work})
@@ -40,7 +58,10 @@ def train(args) -> dict:
         t2 = time.perf_counter()
     t3 = time.perf_counter()
     cpu = os.times()  # this process's CPU so far, every thread (DVCLive's posting thread too), imports included
-    return {"init": t1 - t0, "loop": t2 - t1, "end": t3 - t2, "total": t3 - t0, "cpu": cpu.user + cpu.system}
+    out = {"init": t1 - t0, "loop": t2 - t1, "end": t3 - t2, "total": t3 - t0, "cpu": cpu.user + cpu.system}
+    if before is not None:
+        out["parent_cpu"] = parent_cpu() - before
+    return out
 
 
 def resume(args) -> dict:
@@ -79,6 +100,8 @@ def main() -> None:
     parser.add_argument("--metrics", type=int, default=5)
     parser.add_argument("--work", type=int, default=0)
     parser.add_argument("--clock", action="store_true")
+    parser.add_argument("--parent-cpu", action="store_true", help="measure the parent's (livesend's) CPU meanwhile")
+    parser.add_argument("--lean", action="store_true", help="DVCLive without its no-Studio queue (see above)")
     parser.add_argument("--updates", type=int, default=10)
     parser.add_argument("--period", type=float, default=0.1)
     parser.add_argument("--go", default="go")
