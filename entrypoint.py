@@ -12,7 +12,7 @@ inputs in the environment (see action.yml). What it adds to `livesend run`, whic
 - livesend's warnings and errors (from `--report-json`) as annotations, after that block;
 - PID 1 duties: the first SIGINT/SIGTERM goes to livesend, which passes it to the command's process
   group and reports the run as cancelled; SIGTERM after 1.5 s and SIGKILL after 2.5 s go to that
-  group directly if it still runs; livesend then flushes (3 s by default) and sends `done`; it is
+  group directly if it still runs; livesend then flushes (3 s at most after a cancel) and sends `done`; it is
   killed 6 s after the first signal if it has not ended, so the step ends within 7 s (the runner
   signals the container 7.5 s after SIGINT and kills it 2.5 s later);
 - what was created as root in the workspace is given back to the workspace's owner;
@@ -37,7 +37,7 @@ import tempfile
 import time
 from typing import Optional
 
-FLUSH_TIMEOUT = "3"  # seconds: a cancelled step must end within 7.5 s of SIGINT
+CANCEL_FLUSH_TIMEOUT = "3"  # seconds of flush after a cancel: the step must end within 7.5 s of SIGINT
 TERM_AFTER = 1.5  # seconds after the first signal: SIGTERM to the command if it still runs
 KILL_AFTER = 2.5  # ... SIGKILL to the command's process group
 GIVE_UP_AFTER = 6.0  # ... SIGKILL to livesend itself, so the step ends within 7 s
@@ -111,15 +111,17 @@ class Inputs:
         self.repo_url = action_input(env, "repo-url").strip()
         self.message = action_input(env, "message").strip()
         self.interval = action_input(env, "interval").strip()
-        self.flush_timeout = action_input(env, "flush-timeout").strip() or FLUSH_TIMEOUT
+        self.flush_timeout = action_input(env, "flush-timeout").strip()
         self.strict = parse_bool(action_input(env, "strict", "false"), "strict")
         self.dry_run = parse_bool(action_input(env, "dry-run", "false"), "dry-run")
         self.comment = parse_bool(action_input(env, "comment", "false"), "comment")
         self.github_token = action_input(env, "github-token").strip()
 
     def livesend_args(self, report_json: str, debug: bool) -> list:
-        args = ["run", "--report-json", report_json, "--flush-timeout", self.flush_timeout]
-        for flag, value in (("--endpoint", self.endpoint), ("--name", self.name), ("--baseline-sha", self.baseline_sha),
+        # a finished run flushes for `flush-timeout` (livesend's 30 s by default); a cancelled one for 3 s at most
+        args = ["run", "--report-json", report_json, "--cancel-flush-timeout", CANCEL_FLUSH_TIMEOUT]
+        for flag, value in (("--flush-timeout", self.flush_timeout), ("--endpoint", self.endpoint), ("--name", self.name),
+                            ("--baseline-sha", self.baseline_sha),
                             ("--repo-url", self.repo_url), ("--message", self.message), ("--interval", self.interval)):
             if value:
                 args += [flag, value]

@@ -48,6 +48,9 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--interval", metavar="SECONDS", help="at most one data event per interval [env LIVESEND_INTERVAL; default 1]")
     run.add_argument("--flush-timeout", metavar="SECONDS",
                      help="time to deliver the rest and `done` after the command ends [env LIVESEND_FLUSH_TIMEOUT; default 30]")
+    run.add_argument("--cancel-flush-timeout", metavar="SECONDS",
+                     help="the same when livesend was signalled (a cancelled job, Ctrl-C): the shorter of the two applies "
+                          "[env LIVESEND_CANCEL_FLUSH_TIMEOUT; default 3]")
     run.add_argument("--request-timeout", metavar="SECONDS",
                      help="how long to wait for Studio to answer one request [env LIVESEND_REQUEST_TIMEOUT; default 30]")
     run.add_argument("--record", metavar="FILE", help="append one JSON line per request made (never the token)")

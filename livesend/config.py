@@ -37,6 +37,7 @@ class Config:
     message: Optional[str] = None
     interval: float = 1.0
     flush_timeout: float = 30.0
+    cancel_flush_timeout: float = 3.0  # after a forwarded SIGINT/SIGTERM/SIGHUP: CI runners kill soon after
     request_timeout: float = 30.0
     record: Optional[str] = None
     report_json: Optional[str] = None
@@ -139,6 +140,10 @@ def build(args, env: Mapping[str, str]) -> Config:
     flush = parse_seconds(
         first(args.flush_timeout, env.get("LIVESEND_FLUSH_TIMEOUT")) or 30, "--flush-timeout/LIVESEND_FLUSH_TIMEOUT", 0
     )
+    cancel_flush = parse_seconds(
+        first(getattr(args, "cancel_flush_timeout", None), env.get("LIVESEND_CANCEL_FLUSH_TIMEOUT")) or 3,
+        "--cancel-flush-timeout/LIVESEND_CANCEL_FLUSH_TIMEOUT", 0,
+    )
     request_timeout = parse_seconds(
         first(getattr(args, "request_timeout", None), env.get("LIVESEND_REQUEST_TIMEOUT")) or 30,
         "--request-timeout/LIVESEND_REQUEST_TIMEOUT", 0.1,
@@ -175,6 +180,7 @@ def build(args, env: Mapping[str, str]) -> Config:
         message=first(args.message, env.get("LIVESEND_MESSAGE")),
         interval=interval,
         flush_timeout=flush,
+        cancel_flush_timeout=cancel_flush,
         request_timeout=request_timeout,
         record=args.record,
         report_json=getattr(args, "report_json", None),

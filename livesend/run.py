@@ -27,6 +27,13 @@ def experiment_names(name: str, dirs: list) -> list:
     return [f"{name}-{ci.sanitize(os.path.basename(os.path.normpath(d)) or 'dir')}" for d in dirs]
 
 
+def flush_seconds(config: Config, cancelled: bool) -> float:
+    """How long to deliver the rest and `done` after the command. A cancelled run gets the shorter
+    cancel budget: GitHub kills a cancelled step's container 7.5 + 2.5 s after SIGINT, and a person who
+    pressed Ctrl-C is waiting."""
+    return min(config.flush_timeout, config.cancel_flush_timeout) if cancelled else config.flush_timeout
+
+
 class Problems(logging.Handler):
     """Collects warnings and errors (already redacted) for the report."""
 
@@ -140,7 +147,10 @@ def _run(config: Config, env: Mapping[str, str], problems: Problems) -> int:
         except CommandError as exc:
             log.error("%s", exc)
             status = exc.status
-        deadline = time.monotonic() + config.flush_timeout
+        flush = flush_seconds(config, cancelled=bool(command.signals))
+        if command.signals and flush < config.flush_timeout and plan.live:
+            log.info("the run was cancelled: delivering the rest for up to %g s (--cancel-flush-timeout)", flush)
+        deadline = time.monotonic() + flush
         for session in plan.sessions:
             session.finish(deadline)
         for session in plan.sessions:

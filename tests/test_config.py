@@ -140,6 +140,7 @@ def test_defaults():
     assert c.dirs == ["dvclive"]
     assert (c.token, c.token_source, c.name, c.baseline_sha, c.repo_url, c.message) == (None,) * 6
     assert (c.interval, c.flush_timeout, c.record, c.dry_run, c.strict, c.verbosity) == (1.0, 30.0, None, False, False, 0)
+    assert c.cancel_flush_timeout == 3.0
 
 
 def test_token_from_studio_token_then_dvc_studio_token():
@@ -175,6 +176,8 @@ def test_token_from_studio_token_then_dvc_studio_token():
         ("interval", [], {"LIVESEND_INTERVAL": "0.05"}, 0.05),
         ("flush_timeout", ["--flush-timeout", "0"], {"LIVESEND_FLUSH_TIMEOUT": "9"}, 0.0),
         ("flush_timeout", [], {"LIVESEND_FLUSH_TIMEOUT": "9"}, 9.0),
+        ("cancel_flush_timeout", ["--cancel-flush-timeout", "0"], {"LIVESEND_CANCEL_FLUSH_TIMEOUT": "9"}, 0.0),
+        ("cancel_flush_timeout", [], {"LIVESEND_CANCEL_FLUSH_TIMEOUT": "9"}, 9.0),
         ("strict", ["--strict"], {"LIVESEND_STRICT": "false"}, True),
         ("strict", [], {"LIVESEND_STRICT": "yes"}, True),
         ("strict", [], {"LIVESEND_STRICT": "0"}, False),
@@ -199,6 +202,7 @@ def test_flag_then_environment_then_default(attr, flags, env, expected):
         ([], {"LIVESEND_INTERVAL": "inf"}, "LIVESEND_INTERVAL"),
         (["--flush-timeout", "-1"], {}, "--flush-timeout"),
         ([], {"LIVESEND_FLUSH_TIMEOUT": "soon"}, "LIVESEND_FLUSH_TIMEOUT"),
+        (["--cancel-flush-timeout", "-2"], {}, "--cancel-flush-timeout"),
         ([], {"LIVESEND_STRICT": "maybe"}, "LIVESEND_STRICT"),
         (["--name", "a/b"], {}, "--name"),
         ([], {"LIVESEND_NAME": "has space"}, "LIVESEND_NAME"),
@@ -274,3 +278,14 @@ def test_short_secrets_are_not_redacted_everywhere(logged):
 def test_redact():
     assert redact(f"a {TOKEN} b {TOKEN}", [TOKEN]) == "a *** b ***"
     assert redact("plain", ["", TOKEN]) == "plain"
+
+
+@pytest.mark.parametrize(
+    "flush, cancel, cancelled, expected",
+    [(30, 3, False, 30), (30, 3, True, 3), (2, 3, True, 2), (0, 3, True, 0), (30, 0, True, 0), (30, 0, False, 30)],
+)
+def test_a_cancelled_run_flushes_for_the_shorter_of_the_two_timeouts(flush, cancel, cancelled, expected):
+    from livesend.run import flush_seconds
+
+    c = config("--flush-timeout", str(flush), "--cancel-flush-timeout", str(cancel))
+    assert flush_seconds(c, cancelled) == expected

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import EXAMPLES, ROOT, TOKEN, clean_env, git, wait_until
+from dvclive_files import disk_state, received_state
 from studio_server import Fault, StudioServer
 
 ENTRYPOINT = ROOT / "entrypoint.py"
@@ -266,6 +267,32 @@ def test_push_streams_live_and_reports(tmp_path, workspace):
 # --- pull_request ----------------------------------------------------------------------------------
 
 
+def test_a_finished_step_keeps_delivering_through_a_short_outage(tmp_path, workspace):
+    """Only a cancelled step has the 3 s flush budget: a step whose training finished flushes for
+    livesend's 30 s, so a Studio that is down for 5 s when the training ends still gets the rest and `done`."""
+    sha = git(workspace, "rev-parse", "HEAD")
+    hand_to_runner(workspace)
+    step = Step(tmp_path, workspace)
+    flag = workspace / "trained.flag"
+
+    def down_for_5_seconds_after_training(_body):
+        return Fault(status=503) if flag.exists() and time.time() - flag.stat().st_mtime < 5 else None
+
+    with StudioServer(token=TOKEN) as studio:
+        studio.rule = down_for_5_seconds_after_training
+        env = step.env("push", {"after": sha, "ref": "refs/heads/main"}, {
+            "run": "python train.py --epochs 6 && touch trained.flag",
+            "studio-token": TOKEN, "studio-endpoint": studio.url, "interval": "0.2",
+        }, sha)
+        assert step.run(env) == 0, step.stdout + step.stderr
+        refused = [r for r in studio.received if r.status == 503]
+    assert refused, "Studio was never down: the test did not test the outage"
+    assert studio.count("done") == 1
+    assert "not delivered" not in step.stdout
+    rows = received_state(studio.accepted)["plots"]
+    assert rows == disk_state(workspace / "dvclive", workspace)["plots"]
+
+
 def test_pull_request_baseline_is_the_head_commit_not_the_test_merge(tmp_path, workspace):
     """actions/checkout checks out refs/pull/N/merge (GITHUB_SHA), a commit Studio never sees; the
     baseline must be the PR head from the event file. Here in a sub-directory (working-directory)."""
@@ -480,7 +507,7 @@ def test_cancel_forwards_sends_done_and_ends_within_7_seconds(tmp_path, workspac
 
 
 def test_cancel_while_studio_stalls_still_ends_within_7_seconds(tmp_path, workspace):
-    """Studio stops answering when the step is cancelled: the flush timeout the action passes (3 s)
+    """Studio stops answering when the step is cancelled: the cancel flush budget the action passes (3 s)
     and the entrypoint's own deadline end the step in time anyway, with the loss said plainly."""
     step, studio, code, took = cancel(tmp_path, workspace, "python train.py --epochs 100000 --sleep 0.05",
                                       signal.SIGINT, stall=True)

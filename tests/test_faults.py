@@ -207,6 +207,30 @@ def test_command_ignoring_sigterm_for_a_while(studio, repo):
     assert studio.count("done") == 1
 
 
+def test_a_cancelled_run_flushes_within_the_cancel_budget(studio, repo):
+    """A CI runner kills a cancelled job soon after its signal: after a forwarded SIGTERM the flush is the
+    shorter --cancel-flush-timeout (3 s by default), not --flush-timeout (30 s here). Studio fails from
+    the signal on, so without the cap livesend would retry for the whole 30 s."""
+    script = repo / "until_signal.py"
+    script.write_text(
+        "import signal, sys, time\nfrom dvclive import Live\n"
+        "got = []\nsignal.signal(signal.SIGTERM, lambda n, f: got.append(n))\n"
+        "live = Live(save_dvc_exp=False)\nstep = 0\n"
+        "while not got:\n    live.log_metric('loss', 1 / (step + 1)); live.next_step(); step += 1; time.sleep(0.02)\n"
+        "live.log_metric('loss', 0.0); live.next_step(); live.end()\nsys.exit(7)\n"
+    )
+    proc = harness.start(repo, studio.url, [harness.sys.executable, "until_signal.py"], "--interval", "0.1",
+                         "--flush-timeout", "30")
+    assert studio.wait_for(lambda s: s.count("data") >= 2)
+    studio.rule = lambda body: Fault(status=503)
+    proc.terminate()
+    outcome = harness.finish(proc, repo)
+    harness.check(outcome, studio, status=7, flush_timeout=3, delivered=False)
+    assert len(outcome.lines("the run was cancelled: delivering the rest for up to 3 s")) == 1
+    assert studio.count("done") == 0
+    assert len(outcome.lines("not delivered to Studio")) == 1  # the rows logged after the signal, said plainly
+
+
 def test_command_whose_children_get_the_signal_too(studio, repo):
     child = repo / "child.py"
     child.write_text(
