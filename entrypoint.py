@@ -12,7 +12,8 @@ inputs in the environment (see action.yml). What it adds to `livesend run`, whic
 - livesend's warnings and errors (from `--report-json`) as annotations, after that block;
 - PID 1 duties: the first SIGINT/SIGTERM goes to livesend, which passes it to the command's process
   group and reports the run as cancelled; SIGTERM after 1.5 s and SIGKILL after 2.5 s go to that
-  group directly if it still runs; livesend then flushes (3 s at most after a cancel) and sends `done`; it is
+  group directly if it still runs; livesend then flushes (3 s at most after a cancel, also when the
+  cancel comes while it flushes after a finished command) and sends `done`; it is
   killed 6 s after the first signal if it has not ended, so the step ends within 7 s (the runner
   signals the container 7.5 s after SIGINT and kills it 2.5 s later);
 - what was created as root in the workspace is given back to the workspace's owner;
@@ -291,19 +292,19 @@ class Supervisor:
         if self.first_signal is None:
             return
         alive = command is not None and group_alive(command)
-        if alive:
-            # The signal goes to livesend, which passes it on to the command and reports the run as
-            # cancelled, only while the command runs: livesend, flushing after it, has its default
-            # handlers back. `install` has no livesend: its group gets the signal.
-            while self.pending:
-                signum = self.pending.pop(0)
-                if self.via is not None:
-                    try:
-                        os.kill(self.via, signum)
-                    except OSError:
-                        pass
-                else:
-                    self._kill(command, signum)
+        # The signal goes to livesend, which passes it on to the command and reports the run as cancelled,
+        # or, when the command has already ended, cuts its flush to 3 s; not before the command started
+        # (livesend's handlers are not in place yet). `install` has no livesend: its group gets the signal
+        # while it runs.
+        while self.pending and command is not None and (self.via is not None or alive):
+            signum = self.pending.pop(0)
+            if self.via is not None:
+                try:
+                    os.kill(self.via, signum)
+                except OSError:
+                    pass
+            else:
+                self._kill(command, signum)
         elapsed = time.monotonic() - self.first_signal
         if alive and elapsed >= TERM_AFTER and "term" not in self.escalated:
             self.escalated.add("term")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Mapping
 
 from livesend import ci, report
 from livesend.config import Config, ConfigError
-from livesend.process import Command, CommandError, child_env
+from livesend.process import FORWARDED, Command, CommandError, child_env
 from livesend.session import Context, Session
 from livesend.studio import NULL_SHA
 from livesend.transport import DryRunTransport, Recorder, Transport
@@ -32,6 +33,54 @@ def flush_seconds(config: Config, cancelled: bool) -> float:
     cancel budget: GitHub kills a cancelled step's container 7.5 + 2.5 s after SIGINT, and a person who
     pressed Ctrl-C is waiting."""
     return min(config.flush_timeout, config.cancel_flush_timeout) if cancelled else config.flush_timeout
+
+
+class LateCancel:
+    """SIGINT, SIGTERM and SIGHUP outside the command's lifetime: while livesend flushes after it (a job
+    cancelled then). The first cuts the flush to --cancel-flush-timeout; a second one, or one after the
+    command was already cancelled (Ctrl-C twice), stops livesend at once. Installed before the command
+    starts, so that the command's own handlers give way to these when it ends."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.signals: list = []
+        self.sessions: list = []
+        self.deadline: float | None = None
+        self.already_cancelled = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "LateCancel":
+        for signum in FORWARDED:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except (ValueError, OSError):  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(signum, handler)
+
+    def flushing(self, sessions: list, deadline: float, already_cancelled: bool) -> None:
+        self.sessions, self.deadline, self.already_cancelled = sessions, deadline, already_cancelled
+        if self.signals:  # one came between the command's end and now
+            self._cut()
+
+    def _handle(self, signum, _frame) -> None:
+        self.signals.append(signum)
+        if len(self.signals) > 1 or self.already_cancelled:
+            raise SystemExit(128 + signum)
+        if self.deadline is not None:
+            self._cut()
+
+    def _cut(self) -> None:
+        deadline = time.monotonic() + self.budget
+        if self.deadline is not None and deadline < self.deadline:
+            log.warning("cancelled while delivering the rest: %g s left to finish (--cancel-flush-timeout)", self.budget)
+            self.deadline = deadline
+            for session in self.sessions:
+                session.cut(deadline)
 
 
 class Problems(logging.Handler):
@@ -141,6 +190,7 @@ def _run(config: Config, env: Mapping[str, str], problems: Problems) -> int:
             name = config.name or "run"
             plan = Plan(name, experiment_names(name, config.dirs), NULL_SHA, "", False, "")
 
+        late = stack.enter_context(LateCancel(config.cancel_flush_timeout))
         command = Command(config.command, child_env(env, config.token, plan.name))
         try:
             status = command.run()
@@ -153,10 +203,13 @@ def _run(config: Config, env: Mapping[str, str], problems: Problems) -> int:
         deadline = time.monotonic() + flush
         for session in plan.sessions:
             session.finish(deadline)
+        late.flushing(plan.sessions, deadline, already_cancelled=bool(command.signals))
         for session in plan.sessions:
             # a request in flight at the deadline (a stalled Studio) is abandoned with its daemon thread
-            session.join(max(0.0, deadline - time.monotonic()) + 0.5)
-    return finish(config, env, cwd, plan, status, bool(command.signals), problems)
+            while session.is_alive() and time.monotonic() < late.deadline + 0.5:
+                session.join(min(0.1, max(0.0, late.deadline + 0.5 - time.monotonic())))
+        cancelled = bool(command.signals or late.signals)
+    return finish(config, env, cwd, plan, status, cancelled, problems)
 
 
 def finish(config: Config, env: dict, cwd: str, plan: Plan, status: int, cancelled: bool, problems: Problems) -> int:

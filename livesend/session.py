@@ -146,7 +146,9 @@ class Session(threading.Thread):
         self.wake = threading.Event()
         self.ended = threading.Event()
         self.stop_watch = threading.Event()
-        self.deadline: Optional[float] = None
+        self.deadline: Optional[float] = None  # the flush's end, for `done` (set when the command has ended)
+        self.data_deadline: Optional[float] = None  # ... and for the data before it
+        self.hurry = threading.Event()  # the flush was cut short: stop waiting
         self.failures = 0
         self.not_before = 0.0  # monotonic time before which Studio asked not to be called (Retry-After)
         self.crashed = False
@@ -160,9 +162,19 @@ class Session(threading.Thread):
 
     def finish(self, deadline: float) -> None:
         """The command has ended: deliver what is left until `deadline`, then send `done`."""
-        self.deadline = deadline
+        self._set_deadline(deadline)
         self.ended.set()
         self.wake.set()
+
+    def cut(self, deadline: float) -> None:
+        """A cancel during the flush: be done by `deadline` instead, if that is sooner."""
+        if self.deadline is None or deadline < self.deadline:
+            self._set_deadline(deadline)
+            self.hurry.set()
+
+    def _set_deadline(self, deadline: float) -> None:
+        self.data_deadline = deadline - min(3.0, max(0.0, deadline - self.clock()) * DONE_RESERVE)  # time for `done`
+        self.deadline = deadline
 
     @property
     def stats(self) -> list:
@@ -202,22 +214,25 @@ class Session(threading.Thread):
 
     def _final(self) -> None:
         """After the command: deliver until caught up or out of time, keep time for `done`."""
-        assert self.deadline is not None
-        flush = max(0.0, self.deadline - self.clock())
-        data_deadline = self.deadline - min(3.0, flush * DONE_RESERVE)
+        assert self.deadline is not None and self.data_deadline is not None
         self.failures = 0  # a new phase: the backoff of a long outage must not eat the flush time
         if self.not_before > self.clock():  # Studio asked (Retry-After) to wait
-            time.sleep(max(0.0, min(self.not_before, data_deadline) - self.clock()))
+            self._pause(max(0.0, min(self.not_before, self.data_deadline) - self.clock()))
         while not self.transport.stopped:
-            outcome = self.sync(final=True, deadline=data_deadline)
+            outcome = self.sync(final=True, deadline=self.data_deadline)
             if outcome is None or outcome.kind != "retry":
                 break
-            delay = self._final_delay(outcome, data_deadline)
+            delay = self._final_delay(outcome, self.data_deadline)
             if delay is None:
                 break
-            time.sleep(delay)
+            self._pause(delay)
         self._report_undelivered()
         self._close(self.deadline)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait between tries of the flush; a cut wakes it (once) to look at the new deadline."""
+        if self.hurry.wait(seconds):
+            self.hurry.clear()
 
     def _final_delay(self, outcome: Outcome, deadline: float) -> Optional[float]:
         """Backoff within the flush time: never past the deadline, so there is always a last try;
@@ -263,6 +278,8 @@ class Session(threading.Thread):
             if not requests:
                 return None
             for request in requests:
+                if final and deadline is not None and self.data_deadline is not None:
+                    deadline = min(deadline, self.data_deadline)  # the flush may have been cut short
                 outcome = self._send(request, deadline)
                 if outcome.kind in ("ok", "rejected"):
                     self._apply(request.acks, request)
@@ -425,6 +442,8 @@ class Session(threading.Thread):
         exp.stats.experiment_rev = ci.experiment_rev(self.ctx.cwd, self.ctx.baseline_sha, exp.stats.name, self.ctx.env)
         request = studio.done_request(exp.ident, exp.stats.experiment_rev)
         while True:
+            if self.deadline is not None:
+                deadline = min(deadline, self.deadline)  # the flush may have been cut short
             outcome = self._send(request, deadline)
             if outcome.ok:
                 exp.stats.done = True
@@ -436,7 +455,7 @@ class Session(threading.Thread):
                 log.error("could not send `done` for %s before the flush timeout; Studio will show it as running",
                           exp.stats.name)
                 return
-            time.sleep(delay)
+            self._pause(delay)
 
     def _report_undelivered(self) -> None:
         exp = self.exp

@@ -4,6 +4,7 @@ livesend ends within --flush-timeout after the command, and the token leaks nowh
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import threading
@@ -229,6 +230,48 @@ def test_a_cancelled_run_flushes_within_the_cancel_budget(studio, repo):
     assert len(outcome.lines("the run was cancelled: delivering the rest for up to 3 s")) == 1
     assert studio.count("done") == 0
     assert len(outcome.lines("not delivered to Studio")) == 1  # the rows logged after the signal, said plainly
+
+
+def flushing_against_an_outage(studio, repo, *signals: int) -> tuple:
+    """A training that ends normally, Studio failing from then on until 1 s after the first of `signals`,
+    which are sent to livesend while it retries in its flush (--flush-timeout 30). Returns (outcome,
+    seconds from the first signal to livesend's exit)."""
+    ended = repo / ".command-ended"  # written by the harness's wrapper when the command exits
+    signalled: list = []
+
+    def rule(_body):
+        if ended.exists() and (not signalled or time.monotonic() < signalled[0] + 1):
+            return Fault(status=503)
+        return None
+
+    studio.rule = rule
+    proc = harness.start(repo, studio.url, [*TRAIN, "--epochs", "4"], "--interval", "0.1", "--flush-timeout", "30")
+    assert studio.wait_for(lambda s: ended.exists() and any(r.status == 503 for r in s.received), timeout=60)
+    signalled.append(time.monotonic())
+    for signum in signals:
+        proc.send_signal(signum)
+    outcome = harness.finish(proc, repo)
+    return outcome, time.monotonic() - signalled[0]
+
+
+def test_a_cancel_during_the_flush_cuts_it_short_and_still_sends_done(studio, repo):
+    """A job cancelled after the training ended, while livesend retries a failing Studio: the flush ends
+    within --cancel-flush-timeout (3 s) of the signal instead of running its 30 s, `done` still goes out
+    (Studio is back 1 s after the signal), the exit status stays the training's."""
+    outcome, took = flushing_against_an_outage(studio, repo, signal.SIGTERM)
+    assert outcome.returncode == 0, outcome.stderr
+    assert took < 3 + 2, f"livesend took {took:.1f} s after the signal"
+    assert len(outcome.lines("cancelled while delivering the rest: 3 s left")) == 1
+    assert studio.count("done") == 1
+    harness.check(outcome, studio)  # and nothing was lost: the data went through with `done`
+
+
+def test_a_second_signal_during_the_flush_stops_livesend_at_once(studio, repo):
+    # two different signals: two of the same kind sent at once may be merged into one by the kernel
+    outcome, took = flushing_against_an_outage(studio, repo, signal.SIGTERM, signal.SIGINT)
+    assert outcome.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM), outcome.stderr
+    assert took < 2, f"livesend took {took:.1f} s after the signals"
+    assert studio.count("done") == 0
 
 
 def test_command_whose_children_get_the_signal_too(studio, repo):
