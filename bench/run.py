@@ -76,11 +76,6 @@ class BenchServer(StudioServer):
 
     def __init__(self) -> None:
         super().__init__(token=TOKEN)
-        # The test server writes a response's headers and body in two sends; with Nagle's algorithm on, a
-        # client that keeps its connection (livesend) then waits ~40 ms for the delayed ACK on every request
-        # (one that opens a connection per request, as DVCLive does, does not). Studio does not: turn it off.
-        self.httpd.RequestHandlerClass = type("Handler", (self.httpd.RequestHandlerClass,),
-                                              {"disable_nagle_algorithm": True})
         self.hits: list[Hit] = []
         self.rows: dict[str, int] = {}  # accepted plot rows per experiment name
 
