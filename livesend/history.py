@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from livesend.reader import align, split_line
+from livesend.reader import Warnings, align, scan, split_line
 
 MAX_POINTS = 60  # points kept per metric (up to twice that while streaming)
 STREAM_LIMIT = 4 * 1024 * 1024  # bytes: larger TSVs are sampled by seeking instead of read whole
@@ -174,8 +174,6 @@ def plotted_metrics(live_dir: str, tree_root: str, max_series: int = MAX_SERIES)
     """({metric name: Series} of <live_dir>/plots/metrics/**/*.tsv in name order, files not read
     because there were more than `max_series`). Listed as the sender lists them: links out of the
     working tree are not read."""
-    from livesend.reader import Warnings, scan
-
     prefix = "plots/metrics/"
     listing = scan(live_dir, "", tree_root, Warnings(quiet=True))  # the sender warned already
     found = sorted((key[len(prefix):-len(".tsv")], path) for key, (path, _) in listing.tsvs.items()

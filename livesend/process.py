@@ -42,6 +42,25 @@ def child_env(env: Mapping[str, str], token: Optional[str], exp_name: str) -> di
     return out
 
 
+def install_handlers(handler) -> dict:
+    """`handler` for every FORWARDED signal; returns the handlers it replaced, for restore_handlers."""
+    previous = {}
+    for signum in FORWARDED:
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except (ValueError, OSError):  # not the main thread, or not allowed here
+            pass
+    return previous
+
+
+def restore_handlers(previous: dict) -> None:
+    for signum, handler in previous.items():
+        try:
+            signal.signal(signum, handler)
+        except (ValueError, OSError, TypeError):
+            pass
+
+
 def exit_status(returncode: int) -> int:
     """The shell's convention: 128+N for a command killed by signal N."""
     return 128 - returncode if returncode < 0 else returncode
@@ -89,18 +108,10 @@ class Command:
         return {"preexec_fn": os.setpgrp}  # pragma: no cover - Python < 3.11
 
     def _install(self) -> None:
-        for signum in FORWARDED:
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except (ValueError, OSError):  # not the main thread, or not allowed here
-                pass
+        self._previous = install_handlers(self._handle)
 
     def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            try:
-                signal.signal(signum, handler)
-            except (ValueError, OSError, TypeError):
-                pass
+        restore_handlers(self._previous)
 
     def _handle(self, signum, _frame) -> None:
         self.signals.append(signum)

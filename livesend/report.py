@@ -138,10 +138,8 @@ def _load(path: str, parse: Callable[[str], Any]) -> Any:
         return None
 
 
-def read_section(live_dir: str, cwd: str, name: str, stats: Optional[list] = None,
-                 tree_root: Optional[str] = None) -> Section:
+def read_section(live_dir: str, cwd: str, name: str, stats: Optional[list], tree_root: str) -> Section:
     path = os.path.join(cwd, live_dir)
-    tree_root = tree_root or os.path.realpath(cwd)
     allowed = allowed_root(path, tree_root)  # what the sender may read: a file linked out of it never is
 
     def load(file: str, parse: Callable[[str], Any]) -> Any:

@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import Mapping
 
 from livesend import ci, report
 from livesend.config import Config, ConfigError
-from livesend.process import FORWARDED, Command, CommandError, child_env
+from livesend.process import Command, CommandError, child_env, install_handlers, restore_handlers
 from livesend.session import Context, Session
 from livesend.studio import NULL_SHA
 from livesend.transport import DryRunTransport, Recorder, Transport
@@ -50,17 +49,11 @@ class LateCancel:
         self._previous: dict = {}
 
     def __enter__(self) -> "LateCancel":
-        for signum in FORWARDED:
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except (ValueError, OSError):  # not the main thread
-                pass
+        self._previous = install_handlers(self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            with contextlib.suppress(ValueError, OSError, TypeError):
-                signal.signal(signum, handler)
+        restore_handlers(self._previous)
 
     def flushing(self, sessions: list, deadline: float, already_cancelled: bool) -> None:
         self.sessions, self.deadline, self.already_cancelled = sessions, deadline, already_cancelled

@@ -219,7 +219,7 @@ class Session(threading.Thread):
         if self.not_before > self.clock():  # Studio asked (Retry-After) to wait
             self._pause(max(0.0, min(self.not_before, self.data_deadline) - self.clock()))
         while not self.transport.stopped:
-            outcome = self.sync(final=True, deadline=self.data_deadline)
+            outcome = self.sync(final=True)
             if outcome is None or outcome.kind != "retry":
                 break
             delay = self._final_delay(outcome, self.data_deadline)
@@ -253,11 +253,16 @@ class Session(threading.Thread):
 
     # --- one synchronisation ------------------------------------------------------------------------
 
-    def sync(self, final: bool, deadline: Optional[float] = None) -> Optional[Outcome]:
-        """Read what changed and send it; None when there was nothing to send or all of it went."""
+    def sync(self, final: bool) -> Optional[Outcome]:
+        """Read what changed and send it; None when there was nothing to send or all of it went.
+        `final`: in the flush, by its data deadline (read at each use: a cancel may cut it short)."""
+
+        def until() -> Optional[float]:
+            return self.data_deadline if final else None
+
         listing = reader.scan(self.live_dir, self.live_key, self.ctx.tree_root, self.warnings)
         if self._fresh_run(listing):
-            self._close(self.clock() + max(5.0, self.ctx.interval * 5) if deadline is None else deadline)
+            self._close(until() or self.clock() + max(5.0, self.ctx.interval * 5))
             self.exp = self._new_experiment()
             self.metrics_doc.value = self.params_doc.value = None
             self.metrics_doc.stamp = self.params_doc.stamp = None
@@ -268,7 +273,7 @@ class Session(threading.Thread):
             return None
         exp = self.exp
         if not exp.stats.started:
-            outcome = self._send(self._start_request(), deadline)
+            outcome = self._send(self._start_request(), until())
             if outcome.kind in ("retry", "fatal"):
                 return outcome
             exp.stats.started = True  # a refused `start` is dropped like any refused request
@@ -278,9 +283,7 @@ class Session(threading.Thread):
             if not requests:
                 return None
             for request in requests:
-                if final and deadline is not None and self.data_deadline is not None:
-                    deadline = min(deadline, self.data_deadline)  # the flush may have been cut short
-                outcome = self._send(request, deadline)
+                outcome = self._send(request, until())
                 if outcome.kind in ("ok", "rejected"):
                     self._apply(request.acks, request)
                 if not outcome.ok:
@@ -291,7 +294,7 @@ class Session(threading.Thread):
             exp.stats.data_events += 1 if first_round else 0
             self.failures = 0
             first_round = False
-            if not more or (deadline is not None and self.clock() >= deadline):
+            if not more or (final and self.clock() >= until()):
                 return None
             listing = reader.scan(self.live_dir, self.live_key, self.ctx.tree_root, self.warnings)
 
