@@ -534,9 +534,6 @@ def test_cancel_while_livesend_flushes_after_the_training_cuts_the_flush_to_3_se
     """The training has ended and livesend is retrying a failing Studio in its 30 s flush when the run is
     cancelled: the signal goes to livesend, which cuts the flush to 3 s and still sends `done` (Studio is
     back 1 s after the signal); the step ends well within 7 s with the training's status."""
-    sha = git(workspace, "rev-parse", "HEAD")
-    hand_to_runner(workspace)
-    step = Step(tmp_path, workspace)
     flag = workspace / "trained.flag"
     signalled: list = []
 
@@ -545,43 +542,37 @@ def test_cancel_while_livesend_flushes_after_the_training_cuts_the_flush_to_3_se
             return Fault(status=503)
         return None
 
-    with StudioServer(token=TOKEN) as studio:
-        studio.rule = rule
-        env = step.env("push", {}, {"run": "python train.py --epochs 4 && touch trained.flag", "studio-token": TOKEN,
-                                    "studio-endpoint": studio.url, "interval": "0.2", "name": "late-cancel"}, sha)
-        proc = step.start(env)
-        try:
-            assert studio.wait_for(lambda s: flag.exists() and any(r.status == 503 for r in s.received), timeout=60)
-            signalled.append(time.monotonic())
-            proc.send_signal(signal.SIGINT)
-            code = step.wait(timeout=30)
-            took = time.monotonic() - signalled[0]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        assert studio.invalid == []
+    step, studio, code, took = cancel(
+        tmp_path, workspace, "python train.py --epochs 4 && touch trained.flag", signal.SIGINT, rule=rule,
+        ready=lambda s: flag.exists() and any(r.status == 503 for r in s.received),
+        before_signal=lambda s: signalled.append(time.monotonic()),
+    )
     assert code == 0, step.stdout
     assert took < 5.0, f"the step took {took:.2f} s to end after the signal"
-    assert studio.count("done", "late-cancel") == 1
+    assert studio.count("done", "cancelled-run") == 1
     _, _, after = step.blocks()
     assert any("cancelled while delivering the rest" in w for w in annotations(after, "warning")), after
     assert owned_by_runner(workspace) == []
 
 
-def cancel(tmp_path: Path, workspace: Path, run: str, signum: int, stall: bool = False) -> tuple:
-    """Start the step, wait for live data in Studio, send `signum` to the entrypoint (PID 1 in the
-    container: what `docker run` proxies when the runner cancels), time how long until it ends."""
+def cancel(tmp_path: Path, workspace: Path, run: str, signum: int, stall: bool = False, rule=None,
+           ready=lambda s: s.count("data") >= 2, before_signal=lambda s: None) -> tuple:
+    """Start the step, wait until Studio is `ready` (live data), send `signum` to the entrypoint (PID 1 in
+    the container: what `docker run` proxies when the runner cancels), time how long until it ends.
+    `stall`: Studio stops answering at the signal; `rule`: Studio's faults from the start."""
     sha = git(workspace, "rev-parse", "HEAD")
     hand_to_runner(workspace)
     step = Step(tmp_path, workspace)
     with StudioServer(token=TOKEN) as studio:
+        studio.rule = rule
         env = step.env("push", {}, {"run": run, "studio-token": TOKEN, "studio-endpoint": studio.url,
                                     "interval": "0.2", "name": "cancelled-run"}, sha)
         proc = step.start(env)
         try:
-            assert studio.wait_for(lambda s: s.count("data") >= 2, timeout=60), "no data arrived"
+            assert studio.wait_for(ready, timeout=60), "Studio never got what the cancel waits for"
             if stall:
                 studio.rule = lambda body: Fault(status=503, delay=20)
+            before_signal(studio)
             cancelled = time.monotonic()
             proc.send_signal(signum)
             code = step.wait(timeout=30)
