@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EXAMPLES, ROOT, TOKEN, clean_env, git, wait_until
+from conftest import EXAMPLES, ROOT, TOKEN, clean_env, descendants, git, wait_until
 from dvclive_files import disk_state, received_state
 from studio_server import Fault, StudioServer
 
@@ -544,7 +544,10 @@ def test_cancel_while_livesend_flushes_after_the_training_cuts_the_flush_to_3_se
 
     step, studio, code, took = cancel(
         tmp_path, workspace, "python train.py --epochs 4 && touch trained.flag", signal.SIGINT, rule=rule,
-        ready=lambda s: flag.exists() and any(r.status == 503 for r in s.received),
+        # ended once livesend (the entrypoint's only child now) has reaped bash: before that, the signal
+        # would go to the command, which is then rightly reported as killed by it
+        ready=lambda s, proc: (flag.exists() and len(descendants(proc.pid)) == 1
+                               and any(r.status == 503 for r in s.received)),
         before_signal=lambda s: signalled.append(time.monotonic()),
     )
     assert code == 0, step.stdout
@@ -556,9 +559,10 @@ def test_cancel_while_livesend_flushes_after_the_training_cuts_the_flush_to_3_se
 
 
 def cancel(tmp_path: Path, workspace: Path, run: str, signum: int, stall: bool = False, rule=None,
-           ready=lambda s: s.count("data") >= 2, before_signal=lambda s: None) -> tuple:
-    """Start the step, wait until Studio is `ready` (live data), send `signum` to the entrypoint (PID 1 in
-    the container: what `docker run` proxies when the runner cancels), time how long until it ends.
+           ready=lambda s, _proc: s.count("data") >= 2, before_signal=lambda s: None) -> tuple:
+    """Start the step, wait until `ready(studio, entrypoint process)` (live data by default), send `signum`
+    to the entrypoint (PID 1 in the container: what `docker run` proxies when the runner cancels), time how
+    long until it ends.
     `stall`: Studio stops answering at the signal; `rule`: Studio's faults from the start."""
     sha = git(workspace, "rev-parse", "HEAD")
     hand_to_runner(workspace)
@@ -569,7 +573,7 @@ def cancel(tmp_path: Path, workspace: Path, run: str, signum: int, stall: bool =
                                     "interval": "0.2", "name": "cancelled-run"}, sha)
         proc = step.start(env)
         try:
-            assert studio.wait_for(ready, timeout=60), "Studio never got what the cancel waits for"
+            assert studio.wait_for(lambda s: ready(s, proc), timeout=60), "never got what the cancel waits for"
             if stall:
                 studio.rule = lambda body: Fault(status=503, delay=20)
             before_signal(studio)

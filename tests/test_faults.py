@@ -13,7 +13,7 @@ from pathlib import Path
 
 import harness
 import pytest
-from conftest import TOKEN
+from conftest import TOKEN, descendants
 from harness import TRAIN
 from studio_server import Fault, StudioServer
 
@@ -246,7 +246,10 @@ def flushing_against_an_outage(studio, repo, *signals: int) -> tuple:
 
     studio.rule = rule
     proc = harness.start(repo, studio.url, [*TRAIN, "--epochs", "4"], "--interval", "0.1", "--flush-timeout", "30")
-    assert studio.wait_for(lambda s: ended.exists() and any(r.status == 503 for r in s.received), timeout=60)
+    # the command has ended only once livesend has reaped it: a signal between the wrapper's last line
+    # and its exit goes to the command, which is then rightly reported as killed by it
+    assert studio.wait_for(lambda s: ended.exists() and not descendants(proc.pid)
+                           and any(r.status == 503 for r in s.received), timeout=60)
     signalled.append(time.monotonic())
     for signum in signals:
         proc.send_signal(signum)
