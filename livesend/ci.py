@@ -190,6 +190,14 @@ def _unique_name(prefix: str, *unique: str) -> str:
     return sanitize(f"{sanitize(prefix, max(1, 59 - len(tail)))}-{tail}")
 
 
+def stable_name(env: Mapping[str, str]) -> Optional[str]:
+    """The name every step of this CI job generates alike (GitLab: job name and id), so that an
+    `after_script` finds the run of its `script`; None where names are random."""
+    if platform(env) == "gitlab" and env.get("CI_JOB_ID"):
+        return _unique_name(env.get("CI_JOB_NAME_SLUG") or env.get("CI_JOB_NAME") or "job", env["CI_JOB_ID"])
+    return None
+
+
 def generate_name(env: Mapping[str, str], rng: Optional[random.Random] = None) -> str:
     """Unique per CI job, even across a matrix; readable on a laptop."""
     rng = rng or random.Random()
@@ -199,8 +207,9 @@ def generate_name(env: Mapping[str, str], rng: Optional[random.Random] = None) -
         return _unique_name(
             env.get("GITHUB_JOB") or "job", env.get("GITHUB_RUN_ID") or "0", env.get("GITHUB_RUN_ATTEMPT") or "1", suffix
         )
-    if kind == "gitlab" and env.get("CI_JOB_ID"):
-        return _unique_name(env.get("CI_JOB_NAME_SLUG") or env.get("CI_JOB_NAME") or "job", env["CI_JOB_ID"])
+    stable = stable_name(env)
+    if stable:
+        return stable
     suffix = "".join(rng.choice("0123456789abcdef") for _ in range(4))
     return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{suffix}"
 
@@ -211,6 +220,11 @@ def generate_name(env: Mapping[str, str], rng: Optional[random.Random] = None) -
 def git_root(cwd: str, env: Mapping[str, str]) -> Optional[str]:
     root = git(["rev-parse", "--show-toplevel"], cwd, env)
     return os.path.realpath(root) if root else None
+
+
+def git_dir(cwd: str, env: Mapping[str, str]) -> Optional[str]:
+    """The clone's Git directory (`.git`, or where a worktree keeps its own), absolute."""
+    return git(["rev-parse", "--absolute-git-dir"], cwd, env)
 
 
 def dvc_root(cwd: str, top: Optional[str]) -> str:

@@ -64,6 +64,29 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0, help="warnings and errors only")
     run.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="more log lines")
     run.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    done = commands.add_parser(
+        "done",
+        help="mark in Studio the experiments a killed run left open",
+        description="Send `done` for the experiments a run of this clone opened in Studio and did not close "
+        "(it was killed: a cancelled GitLab job, an OOM kill). The run keeps the list in the Git directory; "
+        "this reads it, closes what is open and removes it. The GitLab template runs it in after_script when "
+        "the job was cancelled. The Studio token is read from STUDIO_TOKEN (else DVC_STUDIO_TOKEN) only.",
+        usage="livesend done [OPTIONS]",
+        epilog="exit status: 0 when nothing is left open; 1 when an experiment could not be marked done; "
+        "2 for a usage or configuration error.",
+    )
+    done.add_argument("--name", metavar="NAME", help="the run's experiment name, as `livesend run` printed it "
+                      "[env LIVESEND_NAME, DVC_EXP_NAME; in GitLab CI the job's own run]")
+    done.add_argument("--endpoint", metavar="URL", help="ingestion endpoint [env STUDIO_ENDPOINT; as for `livesend run`]")
+    done.add_argument("--flush-timeout", metavar="SECONDS",
+                      help="how long to keep trying [env LIVESEND_FLUSH_TIMEOUT; default 30]")
+    done.add_argument("--request-timeout", metavar="SECONDS",
+                      help="how long to wait for Studio to answer one request [env LIVESEND_REQUEST_TIMEOUT; default 30]")
+    done.add_argument("--record", metavar="FILE", help="append one JSON line per request made (never the token)")
+    done.add_argument("--dry-run", action="store_true", help="send nothing, need no token: print each payload")
+    done.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0, help="errors and warnings only")
+    done.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="more log lines")
+    done.set_defaults(command=[], dir=None, baseline_sha=None, repo_url=None, message=None, interval=None, strict=None)
     return parser
 
 
@@ -110,12 +133,12 @@ def main(argv: Optional[list] = None) -> int:
     parser = make_parser()
     try:
         args = parser.parse_args(args_list)
-        if args.subcommand != "run":
+        if args.subcommand not in ("run", "done"):
             parser.print_help(sys.stderr)
             return USAGE_ERROR
         if args.command and args.command[0] == "--":
             args.command = args.command[1:]
-        config = build(args, os.environ)
+        config = build(args, os.environ, needs_command=args.subcommand == "run")
     except ConfigError as exc:
         print(f"livesend: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
@@ -125,7 +148,10 @@ def main(argv: Optional[list] = None) -> int:
     for key in set(os.environ) - set(env):
         del os.environ[key]
     setup_logging(config.verbosity, config.secrets)
-    from livesend.run import run
+    if args.subcommand == "done":
+        from livesend.done import close_open as run
+    else:
+        from livesend.run import run
 
     try:
         return run(config, env)

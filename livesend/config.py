@@ -121,9 +121,9 @@ def resolve_endpoint(flag: Optional[str], env: Mapping[str, str]) -> str:
     return url
 
 
-def build(args, env: Mapping[str, str]) -> Config:
+def build(args, env: Mapping[str, str], needs_command: bool = True) -> Config:
     """Config from parsed arguments (an argparse namespace) and the environment."""
-    if not args.command:
+    if needs_command and not args.command:
         raise ConfigError("no command to run: use `livesend run [OPTIONS] -- COMMAND [ARG...]`")
     token, token_source = None, None
     for var in TOKEN_VARS:

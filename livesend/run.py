@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from livesend import ci, report
+from livesend import ci, ledger, report
 from livesend.config import Config, ConfigError
 from livesend.process import Command, CommandError, child_env, install_handlers, restore_handlers
 from livesend.session import Context, Session
 from livesend.studio import NULL_SHA
-from livesend.transport import DryRunTransport, Recorder, Transport
+from livesend.transport import open_transport
 
 log = logging.getLogger("livesend")
 
@@ -148,20 +148,12 @@ def prepare(config: Config, env: dict, cwd: str, stack: contextlib.ExitStack) ->
     log.debug("experiment %s, baseline %s (%s), repo %s, endpoint %s", name, baseline, source, repo_url, config.endpoint)
     if not live:
         return plan
-    recorder = None
-    if config.record:
-        try:
-            recorder = Recorder(stack.enter_context(open(config.record, "a", encoding="utf-8")))
-        except OSError as exc:
-            raise ConfigError(f"cannot open --record file {config.record}: {exc.strerror}") from None
-    if config.dry_run:
-        transport = DryRunTransport(sys.stderr, recorder)
-    else:
-        transport = Transport(config.endpoint, config.token or "", recorder, config.request_timeout)
-    stack.callback(transport.close)
+    transport = open_transport(config, stack)
+    git_dir = None if config.dry_run else ci.git_dir(cwd, env)
     ctx = Context(
         cwd=cwd, repo_url=plan.repo_url, baseline_sha=baseline, dvc_root=ci.dvc_root(cwd, top), git_root=top,
         tree_root=plan.tree_root, env=env, message=config.message, interval=config.interval,
+        ledger=ledger.for_run(git_dir, name),
     )
     plan.sessions = [Session(d, n, ctx, transport) for d, n in zip(config.dirs, plan.names)]
     return plan

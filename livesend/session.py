@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from livesend import ci, reader, studio
+from livesend.ledger import Ledger
 from livesend.reader import Document, Stamp, TsvTail, Warnings
 from livesend.transport import Outcome, backoff
 
@@ -42,6 +43,7 @@ class Context:
     message: Optional[str] = None
     interval: float = 1.0
     limits: studio.Limits = studio.Limits()
+    ledger: Ledger = field(default_factory=lambda: Ledger(None, ""))  # the experiments open in Studio
 
 
 @dataclass
@@ -273,6 +275,7 @@ class Session(threading.Thread):
             return None
         exp = self.exp
         if not exp.stats.started:
+            self.ctx.ledger.opened(exp.ident)  # before `start`: a kill right after it must leave a trace
             outcome = self._send(self._start_request(), until())
             if outcome.kind in ("retry", "fatal"):
                 return outcome
@@ -440,6 +443,9 @@ class Session(threading.Thread):
     def _close(self, deadline: float) -> None:
         """Send `done` for the current experiment (only if it was started)."""
         exp = self.exp
+        if not exp.stats.started or self.transport.stopped:
+            # Studio never took its start, or will take nothing from this token: `livesend done` could not do better
+            self.ctx.ledger.closed(exp.ident.name)
         if not exp.stats.started or exp.stats.done or self.transport.stopped:
             return
         exp.stats.experiment_rev = ci.experiment_rev(self.ctx.cwd, self.ctx.baseline_sha, exp.stats.name, self.ctx.env)
@@ -450,15 +456,21 @@ class Session(threading.Thread):
             outcome = self._send(request, deadline)
             if outcome.ok:
                 exp.stats.done = True
+                self.ctx.ledger.closed(exp.ident.name)
                 return
             if outcome.kind != "retry":
+                self.ctx.ledger.closed(exp.ident.name)  # Studio answered: asking again would not change it
                 return
             delay = self._final_delay(outcome, deadline)
             if delay is None:
-                log.error("could not send `done` for %s before the flush timeout; Studio will show it as running",
-                          exp.stats.name)
+                log.error("could not send `done` for %s before the flush timeout; Studio will show it as running%s",
+                          exp.stats.name, self._later())
                 return
             self._pause(delay)
+
+    def _later(self) -> str:
+        ledger = self.ctx.ledger
+        return f" (`livesend done --name {ledger.run_name}` marks it done later)" if ledger.path else ""
 
     def _report_undelivered(self) -> None:
         exp = self.exp

@@ -9,12 +9,14 @@ Outcomes:
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import json
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from typing import Optional, TextIO
 import requests
 
 from livesend import __version__
+from livesend.config import ConfigError
 from livesend.studio import Request
 
 log = logging.getLogger("livesend")
@@ -210,3 +213,20 @@ class DryRunTransport:
 
     def close(self) -> None:
         pass
+
+
+def open_transport(config, stack: contextlib.ExitStack):
+    """The transport a Config asks for (a dry run prints each request instead), with its --record file;
+    both are closed with `stack`. ConfigError when the record file cannot be opened."""
+    recorder = None
+    if config.record:
+        try:
+            recorder = Recorder(stack.enter_context(open(config.record, "a", encoding="utf-8")))
+        except OSError as exc:
+            raise ConfigError(f"cannot open --record file {config.record}: {exc.strerror}") from None
+    if config.dry_run:
+        transport = DryRunTransport(sys.stderr, recorder)
+    else:
+        transport = Transport(config.endpoint, config.token or "", recorder, config.request_timeout)
+    stack.callback(transport.close)
+    return transport

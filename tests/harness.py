@@ -134,5 +134,6 @@ def assert_no_token(outcome: Outcome, studio) -> None:
     if environ.exists():
         assert TOKEN.encode() not in environ.read_bytes()
     for path in outcome.repo.rglob("*"):
-        if path.is_file() and ".git" not in path.parts and path.stat().st_size < 50_000_000:
+        ours = path.relative_to(outcome.repo).parts[:2] == (".git", "livesend")  # the open-experiment ledger
+        if path.is_file() and (ours or ".git" not in path.parts) and path.stat().st_size < 50_000_000:
             assert TOKEN.encode() not in path.read_bytes(), path
