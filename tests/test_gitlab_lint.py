@@ -87,6 +87,7 @@ def test_component_runs_the_same_script_as_the_hidden_job():
     template = yaml.safe_load(TEMPLATE.read_text())
     _, component = yaml.safe_load_all(COMPONENT.read_text())
     assert component[COMPONENT_JOB]["script"] == template[".livesend"]["script"]
+    assert component[COMPONENT_JOB]["after_script"] == template[".livesend"]["after_script"]
     assert component[COMPONENT_JOB]["artifacts"]["when"] == template[".livesend"]["artifacts"]["when"] == "always"
     assert template[".livesend"]["artifacts"]["paths"] == ["dvclive/", "dvc.yaml"]
 
@@ -115,10 +116,10 @@ def test_token_is_never_an_input():
 def test_default_version_matches_the_package():
     version = livesend.__version__
     defaults = re.findall(r"\$\{LIVESEND_INSTALL:-livesend==([^}]+)\}", TEMPLATE.read_text())
-    assert defaults == [version], "the template installs the livesend of its own release"
+    assert defaults == [version] * 2, "the template installs the livesend of its own release (script, after_script)"
     header, component = yaml.safe_load_all(COMPONENT.read_text())
     assert header["spec"]["inputs"]["install"]["default"] == f"livesend=={version}"
-    assert re.findall(r"\$\{LIVESEND_INSTALL:-livesend==([^}]+)\}", COMPONENT.read_text()) == [version]
+    assert re.findall(r"\$\{LIVESEND_INSTALL:-livesend==([^}]+)\}", COMPONENT.read_text()) == [version] * 2
     example = yaml.safe_load(EXAMPLE.read_text())
     assert example["include"][0]["ref"] == f"v{version}"
     # every version named in the files and the docs: pins, refs, raw URLs, component references

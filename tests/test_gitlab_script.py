@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EXAMPLES, ROOT, TOKEN, clean_env, git
+from conftest import EXAMPLES, ROOT, TOKEN, clean_env, descendants, git
 from test_comment import WRITE, Forge
 
-SCRIPT = yaml.safe_load((ROOT / "gitlab" / "livesend.gitlab-ci.yml").read_text())[".livesend"]["script"]
+HIDDEN_JOB = yaml.safe_load((ROOT / "gitlab" / "livesend.gitlab-ci.yml").read_text())[".livesend"]
+SCRIPT, AFTER_SCRIPT = HIDDEN_JOB["script"], HIDDEN_JOB["after_script"]
 COMPONENT = ROOT / "templates" / "livesend.yml"
 SH = shutil.which("dash") or "/bin/sh"
 PROJECT_URL = "https://gitlab.example.com/acme/ml"
@@ -42,15 +43,21 @@ def job_python(tmp_path) -> Path:
     return path / "bin"
 
 
-def run_script(repo: Path, bin_dir: Path, token: str | None = TOKEN, merged: bool = False,
-               **variables: str) -> subprocess.CompletedProcess:
-    """The script as GitLab's runner runs it with sh: `set -e`, job variables in the environment.
-    `merged`: stderr into stdout, one log in the order it was written, as the runner keeps it."""
+def job_env(repo: Path, bin_dir: Path, token: str | None = TOKEN, **variables: str) -> dict:
+    """The job's environment as GitLab's runner gives it: predefined variables, then the job's."""
     env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", GITLAB_CI="true", CI_PROJECT_URL=PROJECT_URL,
                     CI_JOB_NAME="train", CI_JOB_NAME_SLUG="train", CI_JOB_ID="4242",
                     CI_COMMIT_SHA=git(repo, "rev-parse", "HEAD"), **variables)
     if token is not None:
         env["STUDIO_TOKEN"] = token
+    return env
+
+
+def run_script(repo: Path, bin_dir: Path, token: str | None = TOKEN, merged: bool = False,
+               **variables: str) -> subprocess.CompletedProcess:
+    """The script as GitLab's runner runs it with sh: `set -e`, job variables in the environment.
+    `merged`: stderr into stdout, one log in the order it was written, as the runner keeps it."""
+    env = job_env(repo, bin_dir, token, **variables)
     raw = subprocess.run([SH, "-e", "-c", "\n".join(SCRIPT)], cwd=repo, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT if merged else subprocess.PIPE, timeout=180,
                          stdin=subprocess.DEVNULL)
@@ -201,3 +208,53 @@ def test_component_comment_input_posts_the_merge_request_note(repo, studio, job_
         assert {token for _, _, token in forge.requests} == {WRITE}
     for secret in (TOKEN, WRITE, GITHUB_TOKEN):
         assert secret not in log
+
+
+# --- after_script: a cancelled job ---------------------------------------------------------------------
+
+
+def run_after_script(repo: Path, bin_dir: Path, status: str, **variables: str) -> subprocess.CompletedProcess:
+    """The after_script as the runner runs it: a new shell, CI_JOB_STATUS set."""
+    env = job_env(repo, bin_dir, CI_JOB_STATUS=status, **variables)
+    return subprocess.run([SH, "-e", "-c", "\n".join(AFTER_SCRIPT)], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=180, stdin=subprocess.DEVNULL)
+
+
+def test_after_script_marks_the_run_of_a_cancelled_job_done(repo, studio, job_python):
+    """The runner kills the job's processes without a signal livesend could act on (shell executor,
+    gitlab-runner#27443): no `done`. The after_script, with CI_JOB_STATUS=canceled, sends it, once."""
+    shutil.copy(EXAMPLES / "train.py", repo / "train.py")
+    job = subprocess.Popen(
+        [SH, "-e", "-c", "\n".join(SCRIPT)], cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env=job_env(repo, job_python, STUDIO_ENDPOINT=studio.url, LIVESEND_INSTALL="none",
+                                               LIVESEND_INTERVAL="0.1",
+                                               LIVESEND_RUN="python train.py --epochs 100000 --sleep 0.05"))
+    try:
+        assert studio.wait_for(lambda s: s.count("data", "train-4242") >= 2, timeout=60)
+    finally:
+        for pid in [job.pid, *descendants(job.pid)]:
+            os.kill(pid, 9)
+        job.wait(timeout=30)
+    assert studio.count("done") == 0
+    succeeded = run_after_script(repo, job_python, "success", STUDIO_ENDPOINT=studio.url)
+    assert (succeeded.returncode, succeeded.stdout, succeeded.stderr) == (0, "", "")  # not cancelled: nothing
+    cancelled = run_after_script(repo, job_python, "canceled", STUDIO_ENDPOINT=studio.url, LIVESEND_INSTALL="none")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stderr == "livesend: marked experiment train-4242 done in Studio\n"
+    assert studio.count("done", "train-4242") == 1 and studio.invalid == []
+    again = run_after_script(repo, job_python, "canceled", STUDIO_ENDPOINT=studio.url)
+    assert (again.returncode, again.stdout, again.stderr) == (0, "", "")  # nothing left open: not even a pip run
+    assert studio.count("done") == 1
+    assert TOKEN not in cancelled.stdout + cancelled.stderr
+
+
+def test_after_script_where_livesend_cannot_run_says_what_to_do(repo, tmp_path):
+    """A fresh container without livesend, whose reinstall fails: one line, the job's status untouched."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    (repo / ".git" / "livesend" / "open").mkdir(parents=True)
+    (repo / ".git" / "livesend" / "open" / "train-4242.json").write_text("{}")
+    result = run_after_script(repo, bare / "bin", "canceled", LIVESEND_INSTALL="livesend-no-such-package")
+    assert result.returncode == 0
+    assert result.stderr.startswith("livesend: the job was cancelled before livesend could tell Studio;")
+    assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
