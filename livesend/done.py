@@ -73,7 +73,8 @@ def close_open(config: Config, env: dict) -> int:
             outcome = deliver(transport, studio.done_request(ident), deadline)
             if outcome.ok:
                 book.closed(ident.name)
-                log.info("marked experiment %s done in Studio", ident.name)
+                log.info("%s experiment %s done in Studio", "dry run: would mark" if config.dry_run else "marked",
+                         ident.name)
                 continue
             failed += 1
             if outcome.kind == "rejected":

@@ -122,6 +122,10 @@ def test_a_killed_run_is_marked_done_once_by_livesend_done(studio, repo):
     assert open_ledgers(repo) == [f"{NAME}.json"]
     text = (repo / ".git" / "livesend" / "open" / f"{NAME}.json").read_text()
     assert TOKEN not in text and harness.REMOTE_SECRET not in text
+    dry = done(repo, studio.url, "--name", NAME, "--dry-run", token=None)
+    assert dry.returncode == 0, dry.stderr
+    assert '"type": "done"' in dry.stderr and f"dry run: would mark experiment {NAME} done" in dry.stderr
+    assert open_ledgers(repo) == [f"{NAME}.json"] and studio.count("done") == 0  # sent nothing, closed nothing
     result = done(repo, studio.url, "--name", NAME, "--record", str(repo / ".done-record.jsonl"))
     assert result.returncode == 0, result.stderr
     assert result.stderr == f"livesend: marked experiment {NAME} done in Studio\n"
