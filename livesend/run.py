@@ -201,6 +201,11 @@ def finish(config: Config, env: dict, cwd: str, plan: Plan, status: int, cancell
     """The end-of-run report everywhere it goes, then the exit status."""
     sessions = plan.sessions
     experiments = [s for session in sessions for s in session.stats]
+    book = sessions[0].ctx.ledger if sessions else None
+    if book is not None and book.path:
+        still_open = {i.name for i in book.open}
+        for s in experiments:
+            s.left_open = not s.done and s.name in still_open
     summary = guarded("building the end-of-run report", lambda: report.build(
         status, config.endpoint_host, experiments, config.dirs, cwd, env, plan.live, config.dry_run,
         groups=[session.stats for session in sessions] or None, names=plan.names, cancelled=cancelled,

@@ -60,6 +60,7 @@ class Stats:
     images: int = 0
     skipped_images: list = field(default_factory=list)
     undelivered: str = ""
+    left_open: bool = False  # not marked done but still in the ledger: `livesend done` can close it
     last_metrics: Optional[dict] = None
     last_params: Optional[dict] = None
     step: int = 0

@@ -185,3 +185,19 @@ def test_in_gitlab_ci_livesend_done_finds_the_job_s_own_run(studio, repo):
     assert result.returncode == 0, result.stderr
     assert studio.count("done", "train-777") == 1
     assert {b["repo_url"] for b in studio.accepted} == {"https://gitlab.example.com/acme/ml"}
+
+
+def test_a_run_that_could_not_send_done_says_how_to_close_it_later(studio, repo):
+    studio.rule = lambda body: Fault(status=503) if body.get("type") == "done" else None
+    outcome = harness.run(repo, studio.url, [*TRAIN, "--epochs", "3"], "--interval", "0.1", "--name", NAME,
+                          "--flush-timeout", "2")
+    harness.check(outcome, studio, flush_timeout=2)  # everything but `done` went through
+    hint = f"`livesend done --name {NAME}` marks it done later"
+    assert len(outcome.lines(f"could not send `done` for {NAME} before the flush timeout; Studio will show it "
+                             f"as running ({hint})")) == 1
+    assert len(outcome.lines(f"NOT marked done ({hint}).")) == 1  # in the summary too
+    assert open_ledgers(repo) == [f"{NAME}.json"]
+    studio.rule = None
+    result = done(repo, studio.url, "--name", NAME)
+    assert result.returncode == 0, result.stderr
+    assert studio.count("done") == 1 and open_ledgers(repo) == []

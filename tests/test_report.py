@@ -191,6 +191,17 @@ def test_cancelled_command_says_so(repo):
     assert "was cancelled (killed by signal 15, SIGTERM)" in text and "dvc exp push origin amber-owl-1a2b" in text
 
 
+def test_an_experiment_left_open_says_how_to_close_it_later(repo):
+    series = typical_series(5)
+    write_dvclive(repo, final(series), None, series)
+    summary = build(repo, status=143, cancelled=True, experiments=[stats(step=4, done=False, left_open=True)])
+    hint = "`livesend done --name amber-owl-1a2b` marks it done later"
+    assert f"; NOT marked done ({hint})." in report.render_text(summary)
+    assert f"; **not marked done** (Studio shows it as running; {hint})." in report.render_markdown(summary)
+    summary.experiments[0].left_open = False  # closed otherwise (token rejected): no promise it cannot keep
+    assert "livesend done" not in report.render_text(summary) + report.render_markdown(summary)
+
+
 def many_metrics(repo: Path, n: int = 300, steps: int = 200) -> report.Report:
     series = {f"layers/block_{i:03d}/{kind}": curve(steps, 1.0 + i % 7, 0.1 * (i % 5) + 0.05, 0.05)
               for i, kind in ((i, ("grad_norm", "weight_norm", "update_ratio")[i % 3]) for i in range(n))}
