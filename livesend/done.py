@@ -66,7 +66,7 @@ def close_open(config: Config, env: dict) -> int:
     if config.dry_run:
         book = ledger.Ledger(None, name, pending)  # a dry run sends nothing, so it closes nothing either
     with contextlib.ExitStack() as stack:
-        transport = open_transport(config, stack)
+        transport = open_transport(config, stack, say_fatal=False)  # said below, once per experiment
         deadline = time.monotonic() + config.flush_timeout
         failed = 0
         for ident in pending:

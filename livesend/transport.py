@@ -120,8 +120,10 @@ class Transport:
     """POSTs to the Studio endpoint with the token. Shared by every experiment of the run: once the
     token is rejected (or the endpoint redirects, or TLS fails) nothing more is sent by anyone."""
 
-    def __init__(self, endpoint: str, token: str, recorder: Optional[Recorder] = None, timeout: float = READ_TIMEOUT) -> None:
+    def __init__(self, endpoint: str, token: str, recorder: Optional[Recorder] = None, timeout: float = READ_TIMEOUT,
+                 say_fatal: bool = True) -> None:
         self.endpoint = endpoint
+        self.say_fatal = say_fatal  # log the first fatal outcome (else the caller says it)
         self.timeout = timeout
         self.recorder = recorder
         self.session = requests.Session()
@@ -148,7 +150,8 @@ class Transport:
             with self.lock:
                 if not self.stopped:
                     self.stopped = outcome.detail
-                    log.error("%s; live metrics are off for the rest of this run", outcome.detail)
+                    if self.say_fatal:
+                        log.error("%s; live metrics are off for the rest of this run", outcome.detail)
         return outcome
 
     def _post(self, request: Request, timeout: float) -> Outcome:
@@ -215,7 +218,7 @@ class DryRunTransport:
         pass
 
 
-def open_transport(config, stack: contextlib.ExitStack):
+def open_transport(config, stack: contextlib.ExitStack, say_fatal: bool = True):
     """The transport a Config asks for (a dry run prints each request instead), with its --record file;
     both are closed with `stack`. ConfigError when the record file cannot be opened."""
     recorder = None
@@ -227,6 +230,6 @@ def open_transport(config, stack: contextlib.ExitStack):
     if config.dry_run:
         transport = DryRunTransport(sys.stderr, recorder)
     else:
-        transport = Transport(config.endpoint, config.token or "", recorder, config.request_timeout)
+        transport = Transport(config.endpoint, config.token or "", recorder, config.request_timeout, say_fatal)
     stack.callback(transport.close)
     return transport

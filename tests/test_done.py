@@ -157,6 +157,17 @@ def test_livesend_done_rides_out_an_outage_and_keeps_the_ledger_when_it_cannot(s
     assert studio.count("done") == 1 and open_ledgers(repo) == []
 
 
+def test_a_rejected_token_is_one_line_and_keeps_the_ledger(studio, repo):
+    killed_run(studio, repo)
+    result = done(repo, studio.url, "--name", NAME, token="lsd-WRONG-token")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"livesend: could not mark experiment {NAME} done (Studio rejected the token (HTTP 401): "
+        '{"detail": "Invalid token"}. Check the STUDIO_TOKEN secret)']
+    assert open_ledgers(repo) == [f"{NAME}.json"]  # a right token can still close it
+    assert studio.count("done") == 0
+
+
 def test_livesend_done_without_token_says_so(studio, repo):
     killed_run(studio, repo)
     result = done(repo, studio.url, "--name", NAME, token=None)
