@@ -18,6 +18,7 @@ How GitLab is reproduced here:
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import re
@@ -382,6 +383,36 @@ def test_failed_training_fails_the_job_and_keeps_artifacts(gitlab_ci_local, whee
     assert "livesend: The command failed: the results of such a run are worth keeping too" in log
     assert_streamed(studio, project, job_name(run), git(project, "rev-parse", "HEAD"))
     assert_artifacts(run)  # `when: always`
+    assert_no_secret(run, studio)
+
+
+def test_after_script_closes_the_run_of_a_killed_livesend(gitlab_ci_local, wheel, venv, studio, tmp_path):
+    """livesend is killed (SIGKILL, as the OOM killer or a runner without SIGTERM would) before it could
+    send `done`: the job fails with 137, and the template's after_script, which GitLab runs after the
+    script, marks the experiment done in Studio."""
+    go = tmp_path / "go"  # the kill waits until Studio has the experiment's start and data
+    pipeline = HIDDEN_JOB.format(
+        include="local: gitlab/livesend.gitlab-ci.yml",
+        run=f"python train.py --epochs 4 && until [ -e {go} ]; do sleep 0.05; done && kill -9 $$PPID",  # PPID: livesend
+    )
+    project = make_project(tmp_path, pipeline, {"gitlab/livesend.gitlab-ci.yml": TEMPLATE.read_text()})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(run_pipeline, gitlab_ci_local, project, venv, job_variables(studio, wheel))
+        try:
+            assert studio.wait_for(lambda s: s.count("data") >= 1, timeout=150), "no live data from the job"
+        finally:
+            go.touch()
+        run = pending.result()
+    assert run.returncode != 0 and "FAIL 137" in run.output, run.output
+    name = job_name(run)
+    log = run.logs["train"]
+    assert "trained 4 epochs" in log and "livesend_summary" not in log  # livesend never got to its report
+    assert f"livesend: marked experiment {name} done in Studio" in log
+    assert log.index("trained 4 epochs") < log.index("close what the run left open") < log.index("marked experiment")
+    assert studio.count("start", name) == 1 and studio.count("done", name) == 1
+    (done,) = [b for b in studio.accepted if b["type"] == "done"]
+    assert (done["repo_url"], done["baseline_sha"]) == (PROJECT_URL, git(project, "rev-parse", "HEAD"))
+    assert studio.invalid == []
     assert_no_secret(run, studio)
 
 
