@@ -28,4 +28,8 @@ RUN python -m venv /opt/livesend \
     && rm -rf /opt/livesend-src
 
 COPY entrypoint.py /opt/livesend-action/entrypoint.py
+# The post step (action.yml: runs.post-entrypoint) is the same file in its `post` role.
+RUN printf '#!/bin/sh\nexec /opt/livesend/bin/python /opt/livesend-action/entrypoint.py post\n' \
+        > /opt/livesend-action/post \
+    && chmod 755 /opt/livesend-action/post
 ENTRYPOINT ["/opt/livesend/bin/python", "/opt/livesend-action/entrypoint.py"]

@@ -18,7 +18,11 @@ inputs in the environment (see action.yml). What it adds to `livesend run`, whic
   signals the container 7.5 s after SIGINT and kills it 2.5 s later);
 - what was created as root in the workspace is given back to the workspace's owner;
 - the step outputs and the exit status (the command's; 3 with `strict`). livesend writes the job
-  summary itself; this writes one only when livesend could not (bad input, failed `install`).
+  summary itself; this writes one only when livesend could not (bad input, failed `install`);
+- the experiment's name and folder saved as step state, so that the post step (`entrypoint.py post`,
+  action.yml runs.post-entrypoint), which the runner runs after the job even when it was cancelled,
+  can send the `done` a killed livesend could not (`livesend done`; the runner does not always deliver
+  the cancel signal: actions/runner#2128).
 
 livesend runs as a child process, not in this process: then this supervisor can always close the
 stop-commands block, write the outputs and give files back, whatever happens to livesend, and keep
@@ -44,6 +48,7 @@ KILL_AFTER = 2.5  # ... SIGKILL to the command's process group
 GIVE_UP_AFTER = 6.0  # ... SIGKILL to livesend itself, so the step ends within 7 s
 MAX_ANNOTATIONS = 10  # GitHub shows at most 10 warnings and 10 errors per step
 INPUT_PREFIX = "LIVESEND_ACTION_"
+STATE_NAME, STATE_WORKDIR = "livesend_name", "livesend_workdir"  # step state for the post step (STATE_*)
 
 
 # --- workflow commands -------------------------------------------------------------------------------
@@ -401,13 +406,17 @@ def validate(args: list, env: dict) -> Optional[str]:
     return None
 
 
+def mask(env: dict) -> None:
+    """`::add-mask::` for every secret value: before anything else is printed."""
+    for value in secret_values(env):
+        for line in value.splitlines():
+            say(f"::add-mask::{escape_data(line)}")
+
+
 def main() -> int:
     env = dict(os.environ)
     supervisor = Supervisor()
-    secret = secret_values(env)
-    for value in secret:  # before anything else is printed
-        for line in value.splitlines():
-            say(f"::add-mask::{escape_data(line)}")
+    mask(env)
     workspace = env.get("GITHUB_WORKSPACE") or os.getcwd()
     try:
         inputs = Inputs(env)
@@ -419,6 +428,10 @@ def main() -> int:
     except ValueError as exc:
         annotate("error", str(exc))
         return finish(2, None, supervisor, workspace, env, f"Nothing ran: {exc}.")
+    if not inputs.name:  # named here, as livesend would name it, so that the post step knows the name
+        from livesend.ci import generate_name
+
+        inputs.name = generate_name(env)
 
     base_env = child_environment(env, [inputs.token] + ([inputs.github_token] if inputs.comment else []))
     trust_directories([os.path.realpath(p) for p in (workspace, git_top(workdir, workspace) or workspace)], base_env)
@@ -450,6 +463,8 @@ def main() -> int:
             return finish(status, None, supervisor, workspace, env,
                           f"The `install` command {what}, so the training did not run.")
 
+    if not inputs.dry_run:
+        append(env.get("GITHUB_STATE"), f"{STATE_NAME}={inputs.name}\n{STATE_WORKDIR}={workdir}\n")
     end = stop_commands()
     status = exit_status(supervisor.run([sys.executable, "-m", "livesend", *args], workdir, livesend_env,
                                         command_is_child=True))
@@ -466,6 +481,39 @@ def main() -> int:
         what = f"livesend ended without a report (exit status {status}): see the step's log."
         annotate("error", what)
     return finish(status, report, supervisor, workspace, env, what)
+
+
+def post() -> int:
+    """The post step: `livesend done` when the run left an experiment open in Studio (livesend was
+    killed: a cancel signal the runner never delivered, the OOM killer; or Studio did not take `done`
+    in time). Silent when there is nothing to do; never fails the job."""
+    env = dict(os.environ)
+    mask(env)
+    name, workdir = env.get(f"STATE_{STATE_NAME}", ""), env.get(f"STATE_{STATE_WORKDIR}", "")
+    if not name or not os.path.isdir(workdir):
+        return 0  # the main step never got to run livesend
+    from livesend import ci, ledger
+
+    inputs = Inputs(env)
+    base_env = child_environment(env, [inputs.token])
+    workspace = env.get("GITHUB_WORKSPACE") or os.getcwd()
+    trust_directories([os.path.realpath(p) for p in (workspace, git_top(workdir, workspace) or workspace)], base_env)
+    git_dir = ci.git_dir(workdir, base_env)
+    if not git_dir or not os.path.exists(ledger.ledger_path(git_dir, name)):
+        return 0
+    args = ["done", "--name", name]
+    for flag, value in (("--endpoint", inputs.endpoint), ("--flush-timeout", inputs.flush_timeout)):
+        if value:
+            args += [flag, value]
+    livesend_env = dict(base_env, STUDIO_TOKEN=inputs.token) if inputs.token else base_env
+    try:
+        subprocess.run([sys.executable, "-m", "livesend", *args], cwd=workdir, env=livesend_env,
+                       stdin=subprocess.DEVNULL, timeout=300)
+    except (OSError, subprocess.SubprocessError) as exc:
+        annotate("warning", f"could not run `livesend done` for {name} ({exc})")
+    if env.get("GITHUB_ACTIONS") == "true":
+        give_back(workspace)
+    return 0
 
 
 def stop_commands() -> str:
@@ -488,4 +536,4 @@ def finish(status: int, report: Optional[dict], supervisor: Supervisor, workspac
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(post() if sys.argv[1:] == ["post"] else main())

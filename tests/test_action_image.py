@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from conftest import EXAMPLES, ROOT, TOKEN, git
 from studio_server import StudioServer
 from test_entrypoint import hand_to_runner, owned_by_runner, checkout_test_merge
@@ -60,9 +61,10 @@ def outputs_of(out: Path) -> dict:
     return dict(line.split("=", 1) for line in (out / "output.txt").read_text().splitlines())
 
 
-def start_action(workspace: Path, out: Path, event_name: str, event: Path, inputs: dict, env: dict) -> subprocess.Popen:
+def start_action(workspace: Path, out: Path, event_name: str, event: Path, inputs: dict, env: dict,
+                 action: Path = ROOT) -> subprocess.Popen:
     assert TOOL.exists(), f"{TOOL} is missing: shared/ must sit beside the repository"
-    argv = [sys.executable, "-c", WITH_TOKEN, str(TOOL), "--action", str(ROOT), "--workspace", str(workspace),
+    argv = [sys.executable, "-c", WITH_TOKEN, str(TOOL), "--action", str(action), "--workspace", str(workspace),
             "--out", str(out), "--event-name", event_name, "--event", str(event), "--timeout", "1200"]
     for name, value in inputs.items():
         argv += ["--input", f"{name}={value}"]
@@ -178,3 +180,46 @@ def test_push_cancelled_in_the_image_sends_done_and_ends_within_7_seconds(tmp_pa
     assert outputs["exit-code"] == str(code) and outputs["baseline-sha"] == sha
     assert_token_only_masked(out, log)
     assert owned_by_runner(ws) == []
+
+
+def post_step_action(tmp_path: Path) -> Path:
+    """The action as the runner runs its post step: the same image, entered at runs.post-entrypoint (the
+    tool enters at runs.entrypoint, so a copy of the action gets the one as the other)."""
+    action = tmp_path / "post-action"
+    shutil.copytree(ROOT, action, ignore=shutil.ignore_patterns(
+        ".git", ".ci", "node_modules", "__pycache__", "*.egg-info", "build", "dist", "tests", "bench", "examples",
+        ".gitlab-ci-local", "dvclive", ".venv"))
+    meta = yaml.safe_load((ROOT / "action.yml").read_text())
+    meta["runs"]["entrypoint"] = meta["runs"].pop("post-entrypoint")
+    (action / "action.yml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    return action
+
+
+def test_post_entrypoint_in_the_image_closes_what_a_killed_run_left_open(tmp_path, workspace, one_image_run_at_a_time):
+    """action.yml's post-entrypoint in the real image, run as the runner runs a post step: a new container
+    with the workspace, the inputs and the main step's state (STATE_*). A run killed before `done` left its
+    experiment in the workspace's ledger; the post step sends the `done`."""
+    from livesend import ledger
+    from livesend.studio import Identity
+
+    sha = git(workspace, "rev-parse", "HEAD")
+    name = "train-4242424242-1-k1ll"
+    ledger.Ledger(ledger.ledger_path(str(workspace / ".git"), name), name).opened(
+        Identity("https://github.com/example-org/example-repo", sha, name))
+    hand_to_runner(workspace)
+    event = tmp_path / "event.json"
+    event.write_text(f'{{"after": "{sha}"}}')
+    out = tmp_path / "out"
+    with StudioServer(token=TOKEN) as studio:
+        proc = start_action(workspace, out, "push", event, {"run": "python train.py", "studio-endpoint": studio.url},
+                            {"GITHUB_SHA": sha, "STATE_livesend_name": name,
+                             "STATE_livesend_workdir": "/github/workspace"}, action=post_step_action(tmp_path))
+        log = finish(proc)
+        assert proc.returncode == 0, log[-3000:]
+        assert studio.count("done", name) == 1 and studio.invalid == []
+        (done,) = studio.accepted
+        assert (done["repo_url"], done["baseline_sha"]) == ("https://github.com/example-org/example-repo", sha)
+    assert f"livesend: marked experiment {name} done in Studio" in (out / "stderr.txt").read_text()
+    assert_token_only_masked(out, log)
+    assert not (workspace / ".git" / "livesend").exists()
+    assert owned_by_runner(workspace) == []

@@ -601,3 +601,66 @@ def processes_in(path: Path) -> list:
             if cwd == str(path) or cwd.startswith(f"{path}/"):
                 found.append(pid)
     return found
+
+
+# --- the post step ----------------------------------------------------------------------------------
+
+
+def post_step(step: Step, env: dict) -> subprocess.CompletedProcess:
+    """The post step as the runner runs it: a new container of the image (`entrypoint.py post`), the
+    same inputs, and the main step's saved state as STATE_* variables."""
+    saved = (step.file_commands / FILE_COMMANDS["GITHUB_STATE"]).read_text()
+    state = {f"STATE_{k}": v for k, v in (line.split("=", 1) for line in saved.splitlines() if line)}
+    return subprocess.run([sys.executable, str(ENTRYPOINT), "post"], cwd=step.workspace, env={**env, **state},
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+
+
+def test_post_step_sends_the_done_a_killed_livesend_could_not(tmp_path, workspace):
+    """The cancel signal never reached the container (actions/runner#2128), or the OOM killer picked
+    livesend: it dies without `done`. The post step, which the runner runs after the job even when it was
+    cancelled, sends it, once; with nothing left open it prints nothing but the masks."""
+    sha = git(workspace, "rev-parse", "HEAD")
+    hand_to_runner(workspace)
+    step = Step(tmp_path, workspace)
+    go = tmp_path / "go"  # livesend is killed once Studio has the experiment's start and data
+    with StudioServer(token=TOKEN) as studio:
+        env = step.env("push", {}, {
+            "run": f"python train.py --epochs 4 && until [ -e {go} ]; do sleep 0.05; done && kill -9 $PPID",
+            "studio-token": TOKEN, "studio-endpoint": studio.url, "interval": "0.2",
+        }, sha)
+        step.start(env)
+        try:
+            assert studio.wait_for(lambda s: s.count("data") >= 1, timeout=60)
+        finally:
+            go.touch()
+        assert step.wait() == 128 + signal.SIGKILL, step.stdout
+        assert studio.count("done") == 0
+        name = studio.accepted[0]["name"]
+        assert name.startswith("train-4242424242-1-")
+
+        result = post_step(step, env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [f"::add-mask::{TOKEN}", f"::add-mask::{WORKFLOW_TOKEN}"]
+        assert result.stderr == f"livesend: marked experiment {name} done in Studio\n"
+        assert studio.count("done", name) == 1 and studio.invalid == []
+
+        again = post_step(step, env)
+        assert (again.returncode, again.stderr) == (0, "")
+        assert studio.count("done") == 1
+    assert owned_by_runner(workspace) == []
+    assert TOKEN not in result.stderr
+
+
+def test_post_step_after_a_normal_run_or_none_does_nothing(tmp_path, workspace):
+    sha = git(workspace, "rev-parse", "HEAD")
+    hand_to_runner(workspace)
+    step = Step(tmp_path, workspace)
+    with StudioServer(token=TOKEN) as studio:
+        env = step.env("push", {}, {"run": "python train.py --epochs 3", "studio-token": TOKEN,
+                                    "studio-endpoint": studio.url, "interval": "0.2"}, sha)
+        nothing_ran = post_step(step, env)  # the main step never saved state (it failed before livesend)
+        assert (nothing_ran.returncode, nothing_ran.stderr) == (0, "")
+        assert step.run(env) == 0, step.stdout
+        finished = post_step(step, env)
+        assert (finished.returncode, finished.stderr) == (0, "")
+        assert studio.count("done") == 1 and len(studio.received) == len(studio.accepted)
