@@ -494,7 +494,10 @@ def post() -> int:
         return 0  # the main step never got to run livesend
     from livesend import ci, ledger
 
-    inputs = Inputs(env)
+    try:
+        inputs = Inputs(env)
+    except ValueError:  # the main step said so already
+        return 0
     base_env = child_environment(env, [inputs.token])
     workspace = env.get("GITHUB_WORKSPACE") or os.getcwd()
     trust_directories([os.path.realpath(p) for p in (workspace, git_top(workdir, workspace) or workspace)], base_env)
