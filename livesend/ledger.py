@@ -31,6 +31,11 @@ def ledger_path(git_dir: str, run_name: str) -> str:
     return os.path.join(git_dir, "livesend", "open", f"{run_name}.json")
 
 
+def how_to_close(run_name: str) -> str:
+    """What to tell the user about an experiment this run's ledger still lists."""
+    return f"`livesend done --name {run_name}` marks it done later"
+
+
 def encode(run_name: str, open_experiments: list) -> str:
     return json.dumps({
         "version": VERSION,

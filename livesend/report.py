@@ -23,6 +23,7 @@ import yaml
 from livesend import ci, history
 from livesend.reader import allowed_root, inside
 from livesend.charts import mermaid_line_chart, sparkline
+from livesend.ledger import how_to_close
 
 log = logging.getLogger("livesend")
 
@@ -283,11 +284,6 @@ def _has_reminder(report: Report) -> bool:
     return report.sent or bool(report.uncommitted)
 
 
-def later(report: Report) -> str:
-    """How to close an experiment the run left open (one its ledger still lists)."""
-    return f"`livesend done --name {report.name}` marks it done later"
-
-
 # --- plain text (the job log) -----------------------------------------------------------------------
 
 
@@ -299,7 +295,7 @@ def render_text(report: Report) -> str:
         if not s.started and not s.undelivered:
             continue
         where = "printed (dry run)" if report.dry_run else f"sent to {report.endpoint_host}"
-        state = "done" if s.done else "NOT marked done" + (f" ({later(report)})" if s.left_open else "")
+        state = "done" if s.done else "NOT marked done" + (f" ({how_to_close(report.name)})" if s.left_open else "")
         lines.append(
             f"experiment {s.name}: {s.data_events} data events {where}, {s.data_failed} failed; "
             f"{s.rows} plot rows, {s.images} images delivered; {s.retries} retries; {state}."
@@ -458,7 +454,7 @@ def _delivery(report: Report) -> list:
             continue
         where = "printed (dry run)" if report.dry_run else f"sent to {cell(report.endpoint_host)}"
         state = "marked done" if s.done else \
-            f"**not marked done** (Studio shows it as running{'; ' + later(report) if s.left_open else ''})"
+            f"**not marked done** (Studio shows it as running{'; ' + how_to_close(report.name) if s.left_open else ''})"
         out.append(f"- {code(s.name)}: {s.data_events} data events {where}, {s.data_failed} failed; "
                    f"{s.rows} plot rows and {s.images} images delivered; {s.retries} retries; {state}.")
         if s.undelivered:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from livesend import ci, reader, studio
-from livesend.ledger import Ledger
+from livesend.ledger import Ledger, how_to_close
 from livesend.reader import Document, Stamp, TsvTail, Warnings
 from livesend.transport import Outcome, backoff
 
@@ -444,10 +444,11 @@ class Session(threading.Thread):
     def _close(self, deadline: float) -> None:
         """Send `done` for the current experiment (only if it was started)."""
         exp = self.exp
+        if exp.stats.done:
+            return
         if not exp.stats.started or self.transport.stopped:
             # Studio never took its start, or will take nothing from this token: `livesend done` could not do better
             self.ctx.ledger.closed(exp.ident.name)
-        if not exp.stats.started or exp.stats.done or self.transport.stopped:
             return
         exp.stats.experiment_rev = ci.experiment_rev(self.ctx.cwd, self.ctx.baseline_sha, exp.stats.name, self.ctx.env)
         request = studio.done_request(exp.ident, exp.stats.experiment_rev)
@@ -464,14 +465,11 @@ class Session(threading.Thread):
                 return
             delay = self._final_delay(outcome, deadline)
             if delay is None:
+                ledger = self.ctx.ledger
                 log.error("could not send `done` for %s before the flush timeout; Studio will show it as running%s",
-                          exp.stats.name, self._later())
+                          exp.stats.name, f" ({how_to_close(ledger.run_name)})" if ledger.path else "")
                 return
             self._pause(delay)
-
-    def _later(self) -> str:
-        ledger = self.ctx.ledger
-        return f" (`livesend done --name {ledger.run_name}` marks it done later)" if ledger.path else ""
 
     def _report_undelivered(self) -> None:
         exp = self.exp
