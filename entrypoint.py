@@ -176,9 +176,11 @@ def git_top(path: str, stop: str) -> Optional[str]:
         here = os.path.dirname(here)
 
 
-def trust_directories(paths: list, env: dict) -> None:
-    """`git config --global --add safe.directory` for each path not yet trusted (HOME is a volume
-    shared by the job's container steps, so this is done at run time and only once)."""
+def trust_directories(workspace: str, workdir: str, env: dict) -> None:
+    """`git config --global --add safe.directory` for the workspace and the checkout holding `workdir`,
+    each if not yet trusted (HOME is a volume shared by the job's container steps, so this is done at run
+    time and only once)."""
+    paths = [os.path.realpath(p) for p in (workspace, git_top(workdir, workspace) or workspace)]
     try:
         have = subprocess.run(["git", "config", "--global", "--get-all", "safe.directory"], env=env,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20).stdout.split("\n")
@@ -434,7 +436,7 @@ def main() -> int:
         inputs.name = generate_name(env)
 
     base_env = child_environment(env, [inputs.token] + ([inputs.github_token] if inputs.comment else []))
-    trust_directories([os.path.realpath(p) for p in (workspace, git_top(workdir, workspace) or workspace)], base_env)
+    trust_directories(workspace, workdir, base_env)
     report_dir = tempfile.mkdtemp(prefix="livesend-action-")
     report_path = os.path.join(report_dir, "report.json")
     args = inputs.livesend_args(report_path, env.get("RUNNER_DEBUG") == "1")
@@ -500,7 +502,7 @@ def post() -> int:
         return 0
     base_env = child_environment(env, [inputs.token])
     workspace = env.get("GITHUB_WORKSPACE") or os.getcwd()
-    trust_directories([os.path.realpath(p) for p in (workspace, git_top(workdir, workspace) or workspace)], base_env)
+    trust_directories(workspace, workdir, base_env)
     git_dir = ci.git_dir(workdir, base_env)
     if not git_dir or not os.path.exists(ledger.ledger_path(git_dir, name)):
         return 0

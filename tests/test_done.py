@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import harness
 import pytest
-from conftest import TOKEN, clean_env, descendants, git, livesend_cmd
+from conftest import TOKEN, clean_env, git, kill_tree, livesend_cmd
 from harness import TRAIN
 from studio_server import Fault
 
@@ -27,18 +26,6 @@ def open_ledgers(repo: Path) -> list:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-def kill_run(proc: subprocess.Popen) -> None:
-    """SIGKILL livesend and everything it started, as a runner killing a job's container does."""
-    pids = descendants(proc.pid)
-    proc.kill()
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.communicate(timeout=30)
-
-
 def killed_run(studio, repo: Path) -> dict:
     """A training streamed live, then killed with livesend: returns the `start` Studio took."""
     proc = harness.start(repo, studio.url, [*TRAIN, "--epochs", "100000", "--sleep", "0.05"],
@@ -46,7 +33,7 @@ def killed_run(studio, repo: Path) -> dict:
     try:
         assert studio.wait_for(lambda s: s.count("data") >= 2)
     finally:
-        kill_run(proc)
+        kill_tree(proc)
     assert studio.count("done") == 0
     (start,) = [b for b in studio.accepted if b["type"] == "start"]
     return start
@@ -191,7 +178,7 @@ def test_in_gitlab_ci_livesend_done_finds_the_job_s_own_run(studio, repo):
     try:
         assert studio.wait_for(lambda s: s.count("data") >= 2)
     finally:
-        kill_run(proc)
+        kill_tree(proc)
     result = done(repo, studio.url, **gitlab)
     assert result.returncode == 0, result.stderr
     assert studio.count("done", "train-777") == 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EXAMPLES, ROOT, TOKEN, clean_env, descendants, git
+from conftest import EXAMPLES, ROOT, TOKEN, clean_env, git, kill_tree
 from test_comment import WRITE, Forge
 
 HIDDEN_JOB = yaml.safe_load((ROOT / "gitlab" / "livesend.gitlab-ci.yml").read_text())[".livesend"]
@@ -234,9 +234,7 @@ def test_after_script_marks_the_run_of_a_cancelled_job_done(repo, studio, job_py
     try:
         assert studio.wait_for(lambda s: s.count("data", "train-4242") >= 2, timeout=60)
     finally:
-        for pid in [job.pid, *descendants(job.pid)]:
-            os.kill(pid, 9)
-        job.wait(timeout=30)
+        kill_tree(job)
     assert studio.count("done") == 0
     cancelled = run_after_script(repo, job_python, status, STUDIO_ENDPOINT=studio.url, LIVESEND_INSTALL="none")
     assert cancelled.returncode == 0, cancelled.stderr
