@@ -51,9 +51,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--cancel-flush-timeout", metavar="SECONDS",
                      help="the same when livesend was signalled (a cancelled job, Ctrl-C): the shorter of the two applies "
                           "[env LIVESEND_CANCEL_FLUSH_TIMEOUT; default 3]")
-    run.add_argument("--request-timeout", metavar="SECONDS",
-                     help="how long to wait for Studio to answer one request [env LIVESEND_REQUEST_TIMEOUT; default 30]")
-    run.add_argument("--record", metavar="FILE", help="append one JSON line per request made (never the token)")
+    add_request_options(run)
     run.add_argument("--report-json", metavar="FILE", help="write the end-of-run report as JSON (for CI integrations)")
     run.add_argument("--comment", action="store_true", default=None,
                      help="post the report on the pull request (GitHub) or merge request (GitLab), one comment per "
@@ -61,8 +59,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="send nothing, need no token: print each payload")
     run.add_argument("--strict", action="store_true", default=None,
                      help="exit 3 when the command succeeded but delivery to Studio failed [env LIVESEND_STRICT]")
-    run.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0, help="warnings and errors only")
-    run.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="more log lines")
+    add_verbosity(run)
     run.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     done = commands.add_parser(
         "done",
@@ -80,14 +77,24 @@ def make_parser() -> argparse.ArgumentParser:
     done.add_argument("--endpoint", metavar="URL", help="ingestion endpoint [env STUDIO_ENDPOINT; as for `livesend run`]")
     done.add_argument("--flush-timeout", metavar="SECONDS",
                       help="how long to keep trying [env LIVESEND_FLUSH_TIMEOUT; default 30]")
-    done.add_argument("--request-timeout", metavar="SECONDS",
-                      help="how long to wait for Studio to answer one request [env LIVESEND_REQUEST_TIMEOUT; default 30]")
-    done.add_argument("--record", metavar="FILE", help="append one JSON line per request made (never the token)")
+    add_request_options(done)
     done.add_argument("--dry-run", action="store_true", help="send nothing, need no token: print each payload")
-    done.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0, help="errors and warnings only")
-    done.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="more log lines")
+    add_verbosity(done)
     done.set_defaults(command=[], dir=None, baseline_sha=None, repo_url=None, message=None, interval=None, strict=None)
     return parser
+
+
+def add_request_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every subcommand that talks to Studio."""
+    parser.add_argument("--request-timeout", metavar="SECONDS",
+                        help="how long to wait for Studio to answer one request [env LIVESEND_REQUEST_TIMEOUT; default 30]")
+    parser.add_argument("--record", metavar="FILE", help="append one JSON line per request made (never the token)")
+
+
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
+                        help="warnings and errors only")
+    parser.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="more log lines")
 
 
 EPILOG = """\
