@@ -66,8 +66,8 @@ def make_parser() -> argparse.ArgumentParser:
         help="mark in Studio the experiments a killed run left open",
         description="Send `done` for the experiments a run of this clone opened in Studio and did not close "
         "(it was killed: a cancelled GitLab job, an OOM kill). The run keeps the list in the Git directory; "
-        "this reads it, closes what is open and removes it. The GitLab template runs it in after_script when "
-        "the job was cancelled. The Studio token is read from STUDIO_TOKEN (else DVC_STUDIO_TOKEN) only.",
+        "this reads it, closes what is open and removes it. The GitLab template runs it in after_script and the "
+        "GitHub action in its post step. The Studio token is read from STUDIO_TOKEN (else DVC_STUDIO_TOKEN) only.",
         usage="livesend done [OPTIONS]",
         epilog="exit status: 0 when nothing is left open; 1 when an experiment could not be marked done; "
         "2 for a usage or configuration error.",
