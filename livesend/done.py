@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import time
-from typing import Callable
 
 from livesend import ci, ledger, studio
 from livesend.config import Config, ConfigError
@@ -21,20 +20,19 @@ from livesend.transport import Outcome, backoff, open_transport
 log = logging.getLogger("livesend")
 
 
-def deliver(transport, request: studio.Request, deadline: float, clock: Callable[[], float] = time.monotonic,
-            sleep: Callable[[float], None] = time.sleep) -> Outcome:
+def deliver(transport, request: studio.Request, deadline: float) -> Outcome:
     """POST `request`, retrying what can be retried (with backoff, honouring Retry-After) until `deadline`."""
     failures = 0
     while True:
-        outcome = transport.post(request, timeout=min(transport.timeout, max(0.5, deadline - clock())))
+        outcome = transport.post(request, timeout=min(transport.timeout, max(0.5, deadline - time.monotonic())))
         if outcome.kind != "retry":
             return outcome
         failures += 1
         delay = max(backoff(failures), outcome.retry_after or 0.0)
-        if clock() + delay >= deadline:
+        if time.monotonic() + delay >= deadline:
             return outcome
         log.debug("retrying `done` in %.1f s (%s)", delay, outcome.detail)
-        sleep(delay)
+        time.sleep(delay)
 
 
 def close_open(config: Config, env: dict) -> int:
